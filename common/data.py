@@ -1,0 +1,161 @@
+"""Video-R1-format records: reading, validation, and the one prompt builder every stage uses.
+
+A record (JSON list or JSONL, one object per sample):
+
+    {"problem_id": 2, "problem": "...", "data_type": "video", "problem_type": "multiple choice",
+     "options": ["A. ...", "B. ...", "C. ...", "D. ..."], "solution": "<answer>A</answer>",
+     "path": "./videos/x.mp4", "data_source": "...", "process": "optional reference reasoning"}
+
+Media paths resolve against a media root, by default the data file's own directory, so a
+benchmark folder holding its JSON and its videos works as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
+DATA_TYPES = ("video", "image")
+REQUIRED_FIELDS = ("problem_id", "problem", "data_type", "problem_type", "solution", "path")
+
+
+class DataError(ValueError):
+    """A data file or one of its records is malformed; the message names the file and the record."""
+
+
+@dataclass
+class Sample:
+    problem_id: str
+    problem: str
+    data_type: str
+    problem_type: str
+    solution: str
+    path: Path  # resolved against the media root
+    options: list[str] = field(default_factory=list)
+    data_source: str = ""
+    process: str | None = None
+    question_family: str | None = None
+    evidence_frames: list[int] | None = None
+    record: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw record, untouched
+
+
+def _read_raw(path: Path) -> list[tuple[str, dict]]:
+    """Returns (location, record) pairs; location is "record i" or "line n" for error messages."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError(f"{path}: file is empty")
+    if stripped[0] == "[":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        return [(f"record {i}", r) for i, r in enumerate(items)]
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n} is not valid JSON: {e.msg}") from e
+    return out
+
+
+def load_samples(path: str | Path, media_root: str | Path | None = None) -> list[Sample]:
+    """Read and validate a Video-R1-format file; raises DataError naming the file and record."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    root = Path(media_root) if media_root else path.parent
+    samples, seen = [], {}
+    for where, raw in _read_raw(path):
+        sample = _validate(raw, f"{path}: {where}", root)
+        if sample.problem_id in seen:
+            raise DataError(f"{path}: {where}: duplicate problem_id {sample.problem_id!r} "
+                            f"(first at {seen[sample.problem_id]})")
+        seen[sample.problem_id] = where
+        samples.append(sample)
+    return samples
+
+
+def _validate(raw: Any, where: str, root: Path) -> Sample:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
+    missing = [k for k in REQUIRED_FIELDS if k not in raw]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
+    if raw["problem_type"] not in PROBLEM_TYPES:
+        raise DataError(f"{where}: problem_type {raw['problem_type']!r} is not one of {list(PROBLEM_TYPES)}")
+    if raw["data_type"] not in DATA_TYPES:
+        raise DataError(f"{where}: data_type {raw['data_type']!r} is not one of {list(DATA_TYPES)}")
+    for key in ("problem", "solution", "path"):
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise DataError(f"{where}: field {key!r} must be a non-empty string")
+    options = raw.get("options") or []
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise DataError(f"{where}: field 'options' must be a list of strings")
+    if raw["problem_type"] == "multiple choice" and len(options) < 2:
+        raise DataError(f"{where}: a multiple-choice record needs at least 2 options")
+    evidence = raw.get("evidence_frames")
+    if evidence is not None and not (isinstance(evidence, list) and all(isinstance(i, int) for i in evidence)):
+        raise DataError(f"{where}: field 'evidence_frames' must be a list of frame numbers")
+    return Sample(
+        problem_id=str(raw["problem_id"]),
+        problem=raw["problem"],
+        data_type=raw["data_type"],
+        problem_type=raw["problem_type"],
+        solution=raw["solution"],
+        path=(root / raw["path"]).resolve(),
+        options=options,
+        data_source=str(raw.get("data_source") or ""),
+        process=raw.get("process"),
+        question_family=raw.get("question_family"),
+        evidence_frames=evidence,
+        record=raw,
+    )
+
+
+# The instruction asks for reasoning then an answer in tags; the reward functions read the tags.
+THINK_ANSWER_INSTRUCTION = (
+    "First think about the question inside <think> </think>, "
+    "then give the final answer inside <answer> </answer>."
+)
+ANSWER_FORMAT = {
+    "multiple choice": "Answer with the option letter only.",
+    "numerical": "Answer with a number, e.g. 42 or 3.14.",
+    "OCR": "Answer with the text as written.",
+    "free-form": "Answer in a short sentence.",
+    "regression": "Answer with a number, e.g. 42 or 3.14.",
+}
+
+
+def build_prompt(sample: Sample) -> str:
+    """Question + options + the think/answer instruction for the sample's problem type."""
+    lines = [sample.problem.strip()]
+    if sample.problem_type == "multiple choice":
+        lines.append("Options:")
+        lines.extend(o.strip() for o in sample.options)
+    lines.append(f"{THINK_ANSWER_INSTRUCTION} {ANSWER_FORMAT[sample.problem_type]}")
+    return "\n".join(lines)
+
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def solution_answer(sample: Sample) -> str:
+    """The bare answer inside the solution's <answer> tags (the solution itself if untagged)."""
+    found = _ANSWER_TAG.findall(sample.solution)
+    return (found[-1] if found else sample.solution).strip()
+
+
+def build_target(sample: Sample, with_reasoning: bool = True) -> str:
+    """Supervised target: `<think>process</think><answer>X</answer>` (answer only without a process)."""
+    answer = f"<answer>{solution_answer(sample)}</answer>"
+    if with_reasoning and sample.process:
+        return f"<think>{sample.process.strip()}</think>{answer}"
+    return answer

@@ -1,0 +1,73 @@
+"""Frame selection: which frames of a video a Video-LLM sees.
+
+One small interface for every strategy: `make_selector(cfg)` returns a function
+`select(sample) -> Clip`. The simple strategies only compute indices; learned ones (Frame-Voyager)
+and retrieval read candidate frames, score them against the question, and keep the best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from common.config import require
+from common.data import Sample
+from common.video import Clip, VideoError, read_frames
+
+Strategy = Literal["uniform", "fps", "all", "voyager", "retrieval"]
+
+
+@dataclass
+class FramesConfig:
+    strategy: Strategy = "uniform"
+    num: int = 8  # frames given to the model (uniform; top-T for voyager / retrieval)
+    fps: float = 1.0  # sampling rate for strategy=fps
+    max_frames: int = 64  # cap for strategy=fps and strategy=all
+    candidates: int = 16  # M candidate frames scored by voyager / retrieval
+    voyager: str = ""  # directory of a trained Frame-Voyager (voyager.json + voyager.safetensors)
+    retrieval_model: str = ""  # CLIP/SigLIP path for retrieval; empty = the answering model's embeddings
+
+    def validate(self, prefix: str = "frames") -> None:
+        require(self.num > 0, f"{prefix}.num", f"must be > 0, got {self.num}")
+        require(self.fps > 0, f"{prefix}.fps", f"must be > 0, got {self.fps}")
+        require(self.max_frames > 0, f"{prefix}.max_frames", f"must be > 0, got {self.max_frames}")
+        if self.strategy in ("voyager", "retrieval"):
+            require(self.num <= self.candidates, f"{prefix}.num",
+                    f"T={self.num} must be <= {prefix}.candidates M={self.candidates}")
+        if self.strategy == "voyager":
+            require(bool(self.voyager), f"{prefix}.voyager", "strategy=voyager needs the Voyager directory")
+
+
+Selector = Callable[[Sample], Clip]
+
+
+def make_selector(cfg: FramesConfig) -> Selector:
+    """The frame selector for `cfg.strategy`; frames come back in temporal order."""
+    if cfg.strategy == "uniform":
+        return lambda sample: read_frames(sample.path, num_frames=cfg.num)
+    if cfg.strategy == "fps":
+        return lambda sample: read_frames(sample.path, fps=cfg.fps, max_frames=cfg.max_frames)
+    if cfg.strategy == "all":
+        return lambda sample: read_frames(sample.path, max_frames=cfg.max_frames)
+    raise NotImplementedError(f"frames.strategy={cfg.strategy!r} is not available yet (issue #5)")
+
+
+def read_image(path) -> np.ndarray:
+    """An image file as H x W x 3 uint8 RGB; unreadable files raise VideoError like videos do."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError as e:
+        raise VideoError(f"{path}: missing file") from e
+    except (UnidentifiedImageError, OSError) as e:
+        raise VideoError(f"{path}: cannot read image ({e})") from e
+
+
+def load_visual(sample: Sample, select: Selector) -> Clip | np.ndarray:
+    """The sample's visual input: selected frames of a video, or the image itself."""
+    return select(sample) if sample.data_type == "video" else read_image(sample.path)

@@ -1,0 +1,54 @@
+"""Append-only JSONL files that survive interruption: a stage writes whole lines, flushes them to
+disk, and on restart reads back everything except a line cut off mid-write."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+    """Records of a JSONL file ([] if it does not exist).
+
+    A last line without its newline is what an interrupted write leaves behind: it is dropped
+    (and cut off the file when `repair`, so appending continues from a clean end). A broken line
+    anywhere else is corruption, not interruption, and raises ValueError naming the line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if repair and len(complete) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    rows = []
+    for n, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from e
+    return rows
+
+
+def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Append whole lines and force them to disk, so a crash loses at most what was not yet passed."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if not text:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON atomically (temp file + rename): readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,320 @@
+"""Loading Video-LLMs and their processors, turning clips into model inputs, and building a tiny model.
+
+Everything goes through the Auto classes, so a real checkpoint (a local path or hub id) and the
+tiny model built by `python -m common.models build-tiny --out DIR` take the same path:
+
+    model = load_model(path, dtype="bfloat16", attn_implementation="flash_attention_2")
+    processor = load_processor(path)
+    inputs = model_inputs(processor, [prompt], [clip])
+
+Placeholder token ids (video / image / vision start / end) are read from the model config,
+never hard-coded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from common.video import Clip
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """Ids of the placeholder tokens a processor expands into visual features."""
+
+    video: int
+    image: int
+    vision_start: int | None = None
+    vision_end: int | None = None
+
+    @property
+    def placeholders(self) -> tuple[int, ...]:
+        """Ids a policy must never generate: the visual features have no text meaning."""
+        return tuple(t for t in (self.video, self.image, self.vision_start, self.vision_end) if t is not None)
+
+
+def visual_tokens(config) -> VisualTokens:
+    """Read placeholder ids from a model config (Qwen2-VL names first, LLaVA-style names as fallback)."""
+
+    def first(*names: str) -> int | None:
+        for name in names:
+            value = getattr(config, name, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    video = first("video_token_id", "video_token_index")
+    image = first("image_token_id", "image_token_index")
+    if video is None or image is None:
+        raise ValueError(
+            f"model config {type(config).__name__} has no video_token_id / image_token_id: "
+            "is this a video-capable Video-LLM?"
+        )
+    return VisualTokens(video=video, image=image, vision_start=first("vision_start_token_id"),
+                        vision_end=first("vision_end_token_id"))
+
+
+def model_path_ok(path: str) -> bool:
+    """A local checkpoint directory that exists, or something shaped like a hub id (`org/name`)
+    whose first part is not a local directory (so a mistyped `outputs/...` path is caught)."""
+    p = Path(path)
+    if p.exists():
+        return True
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith(".") and not Path(parts[0]).exists()
+
+
+def load_model(path: str | Path, dtype: str = "float32", attn_implementation: str | None = None,
+               device: str | torch.device | None = None):
+    """A Video-LLM through `AutoModelForImageTextToText`, from a local path or a hub id."""
+    from transformers import AutoModelForImageTextToText
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    kwargs = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_processor(path: str | Path):
+    """The model's processor; left padding so batched generation appends after every prompt."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def chat_messages(prompt: str, data_type: str = "video") -> list[dict]:
+    """One user turn: the visual input first, then the text (the order Video-R1 uses)."""
+    return [{"role": "user", "content": [{"type": data_type}, {"type": "text", "text": prompt}]}]
+
+
+def chat_text(processor, prompt: str, data_type: str = "video", target: str | None = None) -> str:
+    """The chat-formatted prompt; with `target`, the assistant turn is appended for teacher forcing."""
+    text = processor.apply_chat_template(chat_messages(prompt, data_type), tokenize=False,
+                                         add_generation_prompt=True)
+    if target is not None:
+        eos = processor.tokenizer.eos_token or ""
+        text = text + target + eos
+    return text
+
+
+def clip_metadata(clip: Clip) -> dict:
+    """Video metadata the processor needs to place frames in time.
+
+    Without it the Qwen2-VL processors assume 24 fps and the temporal RoPE positions collapse
+    (see ENVIRONMENT.md). `frames_indices` + the source fps give the effective sampling rate.
+    """
+    return {"fps": float(clip.fps), "total_num_frames": int(clip.total_frames),
+            "frames_indices": [int(i) for i in clip.indices]}
+
+
+def model_inputs(processor, prompts: Sequence[str], visuals: Sequence[Clip | np.ndarray],
+                 targets: Sequence[str] | None = None):
+    """Batched processor inputs (left-padded) for prompts over video clips or images.
+
+    A visual is a `Clip` (video) or an H x W x 3 uint8 array (image). Returns the processor's
+    BatchFeature (input_ids, attention_mask, pixel_values_videos, video_grid_thw,
+    second_per_grid_ts, mm_token_type_ids, ...); pass all of it to the model, since without
+    `mm_token_type_ids` Qwen2.5-VL silently falls back to 1-D positions. With `targets`, each
+    text ends with its assistant answer, for teacher forcing.
+    """
+    if len(prompts) != len(visuals):
+        raise ValueError(f"{len(prompts)} prompts but {len(visuals)} visuals")
+    texts, videos, metadata, images = [], [], [], []
+    for i, (prompt, visual) in enumerate(zip(prompts, visuals, strict=True)):
+        is_video = not isinstance(visual, np.ndarray)
+        texts.append(chat_text(processor, prompt, "video" if is_video else "image",
+                               None if targets is None else targets[i]))
+        if is_video:
+            videos.append(np.ascontiguousarray(visual.frames))
+            metadata.append(clip_metadata(visual))
+        else:
+            images.append(visual)
+    kwargs = {}
+    if videos:
+        kwargs.update(videos=videos, video_metadata=metadata, do_sample_frames=False)
+    if images:
+        kwargs.update(images=images)
+    return processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny model: a real architecture with random weights and a locally trained tokenizer.
+# ---------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen-style chat template: the visual placeholder goes where the content item says.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinySpec:
+    """Sizes of the tiny model; defaults are small enough for CPU training in minutes."""
+
+    arch: str = "qwen2_5_vl"
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 4
+    vocab_size: int = 1024  # tokenizer size to train (model vocab is padded to a multiple of 64)
+    min_pixels: int = 28 * 28
+    max_pixels: int = 112 * 112
+    seed: int = 0
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the project's prompts and tinyworld's vocabulary."""
+    from common import tinyworld
+    from common.data import ANSWER_FORMAT, THINK_ANSWER_INSTRUCTION
+
+    lines = [THINK_ANSWER_INSTRUCTION, *ANSWER_FORMAT.values(), "Options:", "user", "assistant",
+             "<think>", "</think>", "<answer>", "</answer>", "A B C D E 0 1 2 3 4 5 6 7 8 9 . , ? !"]
+    lines += tinyworld.vocabulary()
+    return lines
+
+
+def train_tokenizer(corpus: Sequence[str], vocab_size: int):
+    """A byte-level BPE with Qwen's pre-tokenizer, wrapped as the Qwen2 tokenizer class."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(list(corpus) * 4, trainer=trainer)
+    saved = json.loads(bpe.to_str())
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in saved["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=saved["model"]["vocab"], merges=merges, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    """Build, save and return the path of a tiny randomly initialised Video-LLM + processor."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    spec = spec or TinySpec()
+    if spec.arch not in ("qwen2_5_vl", "qwen2_vl"):
+        raise ValueError(f"--arch {spec.arch!r}: supported are qwen2_5_vl and qwen2_vl")
+    head_dim = spec.hidden // spec.heads
+    if head_dim % 4 or spec.hidden % spec.heads:
+        raise ValueError(f"hidden {spec.hidden} / heads {spec.heads} must give a head_dim divisible by 4")
+    torch.manual_seed(spec.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = train_tokenizer(tokenizer_corpus(), spec.vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = -(-len(tokenizer) // 64) * 64
+
+    # mrope splits head_dim/2 rotary frequencies over (time, height, width), in Qwen's 1:1.5:1.5 ratio.
+    half = head_dim // 2
+    section_t = half // 4
+    mrope = [section_t, (half - section_t) // 2, half - section_t - (half - section_t) // 2]
+    text = dict(vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                num_key_value_heads=spec.kv_heads, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
+    token_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if spec.arch == "qwen2_5_vl":
+        vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, num_heads=spec.vision_heads,
+                      intermediate_size=2 * spec.vision_hidden, out_hidden_size=spec.hidden,
+                      fullatt_block_indexes=[spec.vision_depth - 1], window_size=112,
+                      patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+        processor_cls = Qwen2_5_VLProcessor
+    else:
+        vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden, num_heads=spec.vision_heads,
+                      mlp_ratio=2, hidden_size=spec.hidden, patch_size=14, temporal_patch_size=2,
+                      spatial_merge_size=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
+        model = Qwen2VLForConditionalGeneration(config)
+        processor_cls = Qwen2VLProcessor
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.bos_token_id = ids["<|endoftext|>"]
+
+    pixels = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=14,
+                  temporal_patch_size=2, merge_size=2)
+    processor = processor_cls(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels, cap_pixels_per_frame=False),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    (out / "tiny_spec.json").write_text(json.dumps({**spec.__dict__, "parameters": n_params}, indent=2))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser("build-tiny", help="build a tiny randomly initialised Video-LLM")
+    tiny.add_argument("--out", required=True)
+    for name, value in TinySpec().__dict__.items():
+        tiny.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    spec = TinySpec(**{k: getattr(args, k) for k in TinySpec().__dict__})
+    out = build_tiny(args.out, spec)
+    info = json.loads((out / "tiny_spec.json").read_text())
+    print(f"built tiny {spec.arch} ({info['parameters']:,} parameters) -> {out}")
+
+
+if __name__ == "__main__":
+    main()

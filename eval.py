@@ -1,0 +1,191 @@
+"""Evaluate a Video-LLM on Video-R1-format data: choose frames -> answer greedily -> score -> summarise.
+
+    python eval.py --config configs/eval.yaml model=PATH data=FILE output_dir=DIR frames.strategy=uniform frames.num=8
+    accelerate launch eval.py --config configs/eval.yaml ...      # each process answers a shard
+
+Writes DIR/predictions.jsonl (one line per sample), DIR/summary.json and DIR/config.yaml.
+Rerunning with the same output_dir skips the samples already answered; an interruption loses at
+most the batch in flight. A sample whose video cannot be read is recorded as failed, with the
+reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from common.config import parse_config, require, save_config
+from common.data import Sample, build_prompt, load_samples, solution_answer
+from common.frames import FramesConfig, load_visual, make_selector
+from common.jsonl import append_jsonl, read_jsonl, write_json
+from common.launch import make_accelerator
+from common.models import load_model, load_processor, model_inputs, model_path_ok, visual_tokens
+from common.rewards import accuracy_reward, extract_answer
+from common.video import VideoError
+
+
+@dataclass
+class Config:
+    model: str = "outputs/tiny/sft/final"
+    data: str = "outputs/tiny/data/test.json"
+    media_root: str = ""  # where relative media paths resolve; empty = the data file's directory
+    output_dir: str = "outputs/tiny/eval"
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = ""  # e.g. flash_attention_2 on GPUs; empty = transformers' default
+    limit: int = 0  # evaluate only the first N samples (0 = all)
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        require(self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
+        require(model_path_ok(self.model), "model", f"no such path: {self.model}")
+        require(Path(self.data).is_file(), "data", f"no such file: {self.data}")
+        self.frames.validate()
+
+
+def answer_batch(model, processor, batch: list[Sample], select, cfg: Config, bad_words: list[list[int]]) -> list[dict]:
+    """Frames, greedy answers and rewards for one batch; unreadable media become failed rows."""
+    rows, ready, visuals, frame_indices = [], [], [], []
+    for sample in batch:
+        try:
+            visual = load_visual(sample, select)
+        except VideoError as e:
+            rows.append({"problem_id": sample.problem_id, "failed": True, "error": str(e), **describe(sample)})
+            continue
+        ready.append(sample)
+        visuals.append(visual)
+        frame_indices.append(list(visual.indices) if sample.data_type == "video" else [])
+    if not ready:
+        return rows
+    inputs = model_inputs(processor, [build_prompt(s) for s in ready], visuals).to(model.device)
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                   bad_words_ids=bad_words)
+    texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    for sample, text, indices in zip(ready, texts, frame_indices, strict=True):
+        reward = accuracy_reward(text, sample.solution, sample.problem_type, mode="eval")
+        evidence_hit = None if sample.evidence_frames is None else bool(set(indices) & set(sample.evidence_frames))
+        rows.append({"problem_id": sample.problem_id, "output": text, "prediction": extract_answer(text),
+                     "answer": solution_answer(sample), "reward": reward, "correct": reward >= 1.0 - 1e-9,
+                     "frame_indices": indices, "evidence_hit": evidence_hit, **describe(sample)})
+    return rows
+
+
+def describe(sample: Sample) -> dict:
+    """The grouping keys a summary needs, so it can be rebuilt from predictions.jsonl alone."""
+    return {"problem_type": sample.problem_type, "data_source": sample.data_source,
+            "question_family": sample.question_family}
+
+
+def summarize(rows: list[dict]) -> dict:
+    scored = [r for r in rows if not r.get("failed")]
+    failed = [r for r in rows if r.get("failed")]
+
+    def group(key: str) -> dict:
+        buckets = defaultdict(list)
+        for r in scored:
+            if r.get(key) is not None:
+                buckets[r[key]].append(r["reward"])
+        return {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(buckets.items())}
+
+    summary = {
+        "n": len(rows),
+        "n_failed": len(failed),
+        "accuracy": sum(r["reward"] for r in scored) / len(scored) if scored else 0.0,
+        "by_problem_type": group("problem_type"),
+        "by_source": {"data_source": group("data_source"), "question_family": group("question_family")},
+        "failures": [{"problem_id": r["problem_id"], "error": r["error"]} for r in failed],
+    }
+    with_evidence = [r for r in scored if r.get("evidence_hit") is not None]
+    if with_evidence:
+        summary["evidence_recall"] = sum(r["evidence_hit"] for r in with_evidence) / len(with_evidence)
+        by_family = defaultdict(list)
+        for r in with_evidence:
+            by_family[r.get("question_family") or "all"].append(r["evidence_hit"])
+        summary["evidence_recall_by_family"] = {k: sum(v) / len(v) for k, v in sorted(by_family.items())}
+    return summary
+
+
+def print_table(summary: dict, title: str) -> None:
+    recall = summary.get("evidence_recall_by_family", {})
+    print(f"\n{title}\n{'group':<28}{'n':>6}{'accuracy':>10}{'evidence':>10}")
+    rows = [("all", {"n": summary["n"] - summary["n_failed"], "accuracy": summary["accuracy"]},
+             summary.get("evidence_recall"))]
+    rows += [(f"family: {k}", v, recall.get(k)) for k, v in summary["by_source"]["question_family"].items()]
+    rows += [(f"type: {k}", v, None) for k, v in summary["by_problem_type"].items()]
+    for name, v, ev in rows:
+        print(f"{name:<28}{v['n']:>6}{v['accuracy']:>10.3f}{'' if ev is None else f'{ev:>10.3f}'}")
+    if summary["n_failed"]:
+        print(f"failed: {summary['n_failed']} (reasons in summary.json)")
+
+
+def main() -> None:
+    cfg = parse_config(Config)
+    samples = load_samples(cfg.data, cfg.media_root or None)[: cfg.limit or None]
+    select = make_selector(cfg.frames)
+    accelerator = make_accelerator()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+    merged_path, shard_path = out / "predictions.jsonl", out / f"predictions.rank{accelerator.process_index}.jsonl"
+    done = {r["problem_id"] for p in [merged_path, *out.glob("predictions.rank*.jsonl")] for r in read_jsonl(p)}
+    read_jsonl(shard_path, repair=True)  # cut a line left half-written by an interrupted run
+
+    # Batches are fixed over the whole dataset and dealt round-robin to processes, so a batch
+    # holds the same samples (and padding) whatever the number of processes.
+    batches = [samples[i: i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
+    mine = [[s for s in b if s.problem_id not in done] for k, b in enumerate(batches)
+            if k % accelerator.num_processes == accelerator.process_index]
+    mine = [b for b in mine if b]
+    if mine:
+        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation or None, device=accelerator.device)
+        model.eval()
+        processor = load_processor(cfg.model)
+        bad_words = [[t] for t in visual_tokens(model.config).placeholders]
+        bar = tqdm(total=sum(map(len, mine)), unit="sample", desc=f"eval rank {accelerator.process_index}",
+                   disable=not accelerator.is_local_main_process)
+        for batch in mine:
+            append_jsonl(shard_path, answer_batch(model, processor, batch, select, cfg, bad_words))
+            bar.update(len(batch))
+        bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        merge_predictions(out, [s.problem_id for s in samples])
+        summary = summarize(read_jsonl(merged_path))
+        summary.update(model=cfg.model, data=cfg.data, frames=cfg.frames.strategy, time=time.strftime("%F %T"))
+        write_json(out / "summary.json", summary)
+        print_table(summary, f"{cfg.model} on {cfg.data} (frames: {cfg.frames.strategy})")
+        print(f"predictions -> {merged_path}\nsummary -> {out / 'summary.json'}")
+    accelerator.end_training()
+
+
+def merge_predictions(out: Path, order: list[str]) -> None:
+    """Fold the per-process shards into predictions.jsonl, in data order, each sample once."""
+    shards = sorted(out.glob("predictions.rank*.jsonl"))
+    by_id = {}
+    for path in [out / "predictions.jsonl", *shards]:
+        for row in read_jsonl(path):
+            by_id.setdefault(row["problem_id"], row)
+    rows = [by_id[i] for i in order if i in by_id]
+    tmp = out / "predictions.jsonl.tmp"
+    tmp.write_text("")
+    append_jsonl(tmp, rows)
+    tmp.replace(out / "predictions.jsonl")
+    for path in shards:
+        path.unlink()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""eval.py end to end on the tiny model: outputs, multi-process equality, resume after a kill,
+and broken videos reported while the rest is scored."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common.jsonl import read_jsonl
+from common.launch import cpu_launch_env, launch_command
+from tests.conftest import ROOT
+
+
+def eval_args(model, data, out, *extra):
+    return [f"model={model}", f"data={data}", f"output_dir={out}", "frames.num=4", "batch_size=2",
+            "max_new_tokens=48", *extra]
+
+
+def run_eval(args, num_processes=1, port=None):
+    if num_processes == 1:
+        cmd = [sys.executable, "eval.py", *args]
+    else:
+        cmd = launch_command("eval.py", args, num_processes=num_processes, main_process_port=port)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def predictions(out):
+    return read_jsonl(out / "predictions.jsonl")
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_model_dir, tiny_world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval1")
+    run_eval(eval_args(tiny_model_dir, tiny_world_dir / "test.json", out))
+    return out
+
+
+def test_outputs_have_every_sample_once_with_required_fields(single_run, tiny_world_dir):
+    records = json.loads((tiny_world_dir / "test.json").read_text())
+    rows = predictions(single_run)
+    assert [r["problem_id"] for r in rows] == [str(r["problem_id"]) for r in records]
+    for row in rows:
+        assert {"output", "prediction", "reward", "correct", "frame_indices"} <= row.keys()
+        assert len(row["frame_indices"]) == 4 and row["frame_indices"] == sorted(row["frame_indices"])
+    summary = json.loads((single_run / "summary.json").read_text())
+    assert summary["n"] == len(records) and summary["n_failed"] == 0
+    assert summary["accuracy"] == pytest.approx(sum(r["reward"] for r in rows) / len(rows))
+    assert set(summary["by_source"]["question_family"]) == {r["question_family"] for r in records}
+    hits = [bool(set(r["frame_indices"]) & set(rec["evidence_frames"])) for r, rec in zip(rows, records, strict=True)]
+    assert summary["evidence_recall"] == pytest.approx(sum(hits) / len(hits))
+    assert (single_run / "config.yaml").exists()
+
+
+def test_two_processes_merge_to_the_same_predictions_as_one(single_run, tiny_model_dir, tiny_world_dir, tmp_path):
+    out = tmp_path / "eval2"
+    run_eval(eval_args(tiny_model_dir, tiny_world_dir / "test.json", out), num_processes=2, port=29611)
+    assert predictions(out) == predictions(single_run)
+    assert not list(out.glob("predictions.rank*.jsonl"))
+
+
+def test_killed_run_resumes_without_duplicates_or_broken_lines(single_run, tiny_model_dir, tiny_world_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = eval_args(tiny_model_dir, tiny_world_dir / "test.json", out)
+    proc = subprocess.Popen([sys.executable, "eval.py", *args], cwd=ROOT, env=cpu_launch_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = out / "predictions.rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(shard)) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(read_jsonl(shard))
+    assert 2 <= done_before < 8, "the kill should land mid-run"
+    # Simulate the worst moment: a kill in the middle of writing a line.
+    with open(shard, "a") as f:
+        f.write('{"problem_id": "half')
+    run_eval(args)
+    rows = predictions(out)
+    ids = [r["problem_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 8
+    assert rows == predictions(single_run)
+
+
+def test_broken_videos_are_reported_and_the_rest_scored(tiny_model_dir, tiny_world_dir, tmp_path):
+    data = tmp_path / "broken"
+    shutil.copytree(tiny_world_dir, data)
+    records = json.loads((data / "test.json").read_text())
+    truncated, empty, missing = (data / r["path"] for r in records[:3])
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 3])
+    empty.write_bytes(b"")
+    missing.unlink()
+    out = tmp_path / "out"
+    proc = run_eval(eval_args(tiny_model_dir, data / "test.json", out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 8 and summary["n_failed"] == 3
+    errors = {f["problem_id"]: f["error"] for f in summary["failures"]}
+    for record, path in zip(records[:3], (truncated, empty, missing), strict=True):
+        assert str(path.name) in errors[str(record["problem_id"])]
+    scored = [r for r in predictions(out) if not r.get("failed")]
+    assert len(scored) == 5 and all("output" in r for r in scored)
+    assert "failed: 3" in proc.stdout
+
+
+def test_bad_config_stops_before_any_work(tiny_model_dir, tiny_world_dir, tmp_path):
+    args = eval_args(tiny_model_dir, tmp_path / "nope.json", tmp_path / "o")
+    proc = subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "data: no such file" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,148 @@
+"""TinyWorld: deterministic, valid Video-R1 records whose answers can be read off the decoded pixels."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from common import tinyworld as tw
+from common.data import load_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES = 32  # fewer than the default 64 to keep the suite fast; the layout scales with T
+TOL, MIN_PIXELS = 40, 30  # per-channel tolerance and pixel count for "this colour is visible"
+
+
+def decode(path: Path, indices: list[int] | None = None) -> np.ndarray:
+    """T x H x W x 3 uint8 via common.video when it exists, plain PyAV otherwise."""
+    try:
+        from common.video import read_frames
+    except ImportError:
+        with av.open(str(path)) as c:
+            video = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        return video if indices is None else video[indices]
+    return read_frames(path, indices=indices).frames
+
+
+def colours_in(frame: np.ndarray) -> set[str]:
+    """Names of the COLORS covering more than MIN_PIXELS pixels of the frame."""
+    px = frame.astype(int)
+    return {name for name, rgb in tw.COLORS.items()
+            if (np.abs(px - np.array(rgb)).max(-1) <= TOL).sum() > MIN_PIXELS}
+
+
+def answer_of(record: dict) -> tuple[str, str]:
+    """(letter, value) of the correct option."""
+    letter = record["solution"].removeprefix("<answer>").removesuffix("</answer>")
+    return letter, next(o[3:] for o in record["options"] if o.startswith(f"{letter}. "))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tw")
+    tw.generate(out, 12, 12, seed=0, frames=FRAMES, progress=False)
+    return out
+
+
+def records(world: Path) -> list[dict]:
+    return [r for s in ("train", "test") for r in json.loads((world / f"{s}.json").read_text())]
+
+
+def test_records_are_valid(world):
+    recs = records(world)
+    assert len(recs) == 24 and len({r["problem_id"] for r in recs}) == 24
+    assert all(len(load_samples(world / f"{s}.json")) == 12 for s in ("train", "test"))
+    for split in ("train", "test"):
+        assert {r["question_family"] for r in json.loads((world / f"{split}.json").read_text())} == set(
+            tw.FAMILIES)
+    vocab = set(tw.vocabulary())
+    vocab_words = {w for text in vocab for w in text.split()}
+    for r in recs:
+        assert r["data_type"] == "video" and r["problem_type"] == "multiple choice"
+        assert r["data_source"] == "tinyworld" and (world / r["path"]).is_file()
+        assert [o[:3] for o in r["options"]] == ["A. ", "B. ", "C. ", "D. "]
+        assert len({o[3:] for o in r["options"]}) == 4
+        letter, value = answer_of(r)
+        assert letter in "ABCD" and f"option {letter}." in r["process"] and value in r["process"]
+        ev = r["evidence_frames"]
+        assert ev and ev == sorted(set(ev)) and ev[0] >= 0 and ev[-1] < FRAMES
+        # the tokenizer vocabulary holds every text the generator emits (count reasonings list the
+        # scene's objects in any combination, so for them only every word is covered)
+        texts = {r["problem"], r["solution"], *r["options"]}
+        assert texts | ({r["process"]} if r["question_family"] != "count" else set()) <= vocab
+        assert set(r["process"].split()) <= vocab_words
+
+
+def test_deterministic_and_independent_of_n(world, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    tw.generate(a, 4, 4, seed=0, frames=FRAMES, progress=False)
+    tw.generate(b, 4, 4, seed=1, frames=FRAMES, progress=False)
+    for split in ("train", "test"):
+        small = json.loads((a / f"{split}.json").read_text())
+        big = json.loads((world / f"{split}.json").read_text())
+        assert small == big[:4]  # same seed -> same records, whatever N is
+        assert small != json.loads((b / f"{split}.json").read_text())
+        for r in small:
+            assert np.array_equal(decode(a / r["path"]), decode(world / r["path"]))
+    r = json.loads((a / "train.json").read_text())[0]
+    assert not np.array_equal(decode(a / r["path"]), decode(b / r["path"]))
+
+
+def test_answers_match_pixels(world):
+    for r in records(world):
+        video = decode(world / r["path"])
+        assert video.shape == (FRAMES, 112, 112, 3)
+        seen = [colours_in(f) for f in video]
+        letter, answer = answer_of(r)
+        ev, family = r["evidence_frames"], r["question_family"]
+        in_scene = set().union(*seen)
+        if family == "count":
+            assert len(in_scene) == int(answer)  # count scenes give every object its own colour
+            continue
+        assert all(answer in seen[t] for t in ev), r["problem_id"]
+        if family == "moment":  # visible in the evidence frames and nowhere else
+            assert not any(answer in seen[t] for t in range(FRAMES) if t not in ev)
+        if family == "order":
+            others = ({o[3:] for o in r["options"]} & in_scene) - {answer}
+            assert others and all(not (others & seen[t]) for t in ev)
+            first = {c: min(t for t in range(FRAMES) if c in seen[t]) for c in in_scene}
+            last_seen = {c: max(t for t in range(FRAMES) if c in seen[t]) for c in in_scene}
+            if "first" in r["problem"]:
+                assert all(first[answer] < first[c] for c in others)
+                assert any(last_seen[c] > last_seen[answer] for c in others)  # reversal changes it
+            else:
+                assert all(first[answer] > first[c] for c in others)
+                assert any(last_seen[c] < last_seen[answer] for c in others)
+
+
+def test_moment_needs_frame_selection():
+    """8 uniform frames miss most brief shapes; looking at every frame never does."""
+    T = 64
+    uniform = [int((i + 0.5) * T / 8) for i in range(8)]
+    scenes = [tw.make_scene(0, "train", i, frames=T) for i in range(3, 80, 4)]
+    assert len(scenes) == 20 and {s.family for s in scenes} == {"moment"}
+    hits_uniform = hits_all = 0
+    for s in scenes:
+        video = tw.render(s, frames=T)
+        answer = next(o[3:] for o in s.options if o[0] == s.answer)
+        hits_uniform += any(answer in colours_in(video[t]) for t in uniform)
+        hits_all += any(answer in colours_in(f) for f in video)
+    assert hits_all == 20
+    assert 0 < hits_uniform / 20 < 0.7
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "common.tinyworld", "--out", str(out), "--train", "4", "--test", "4",
+           "--seed", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "tinyworld:" in proc.stdout
+    for name in ("train.json", "test.json", "meta.jsonl"):
+        assert (out / name).is_file()
+    assert len(list((out / "videos").glob("*.mp4"))) == 8
+    assert decode(out / "videos" / "test_000003.mp4").shape == (64, 112, 112, 3)
