@@ -132,7 +132,6 @@ def print_table(summary: dict, title: str) -> None:
 def main() -> None:
     cfg = parse_config(Config)
     samples = load_samples(cfg.data, cfg.media_root or None)[: cfg.limit or None]
-    select = make_selector(cfg.frames)
     accelerator = make_accelerator()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -153,6 +152,7 @@ def main() -> None:
         model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation or None, device=accelerator.device)
         model.eval()
         processor = load_processor(cfg.model)
+        select = make_selector(cfg.frames, model=model, processor=processor)
         bad_words = [[t] for t in visual_tokens(model.config).placeholders]
         bar = tqdm(total=sum(map(len, mine)), unit="sample", desc=f"eval rank {accelerator.process_index}",
                    disable=not accelerator.is_local_main_process)

@@ -1,26 +1,384 @@
-"""Frame-Voyager labeling of frame combinations by a frozen Video-LLM's answer loss.
+"""Frame-Voyager labeling: rank frame combinations by a frozen Video-LLM's answer loss.
 
-Not implemented yet: this stage is planned in issue #5. It already takes its config the way
-every stage does (`--config FILE key=value ...`), so run.sh and the tests can call it.
+    python label_frames.py --config configs/label.yaml model=PATH data=FILE output_dir=DIR
+    accelerate launch label_frames.py --config configs/label.yaml ...   # each process labels a shard
+
+For every video sample: M candidate frames (uniform over the video), combinations of T of them (all of
+them when C(M, T) <= max_combinations, else that many sampled), and for each combination the mean
+cross-entropy of the reference answer tokens given those T frames and the question (teacher forcing,
+no generation). Lower loss = the frames show what the answer needs. Output, in DIR:
+
+    labels.jsonl    one record per sample: problem_id, path, candidate_indices (M frame numbers),
+                    candidate_timestamps, combinations (T positions into the candidates, ascending),
+                    losses, label_model, and the question (so train_voyager.py needs no data file)
+    skipped.jsonl   samples not labeled, with the reason (unreadable video, image sample, flat losses)
+    summary.json    counts, time, samples/s, the skipped samples
+
+Rerunning with the same output_dir continues where an interruption stopped: append-only files, whole
+lines flushed to disk, samples already written are skipped, so each sample ends up exactly once.
+
+How it is fast (bench/bench_label.py compares with the straightforward processor + forward per
+combination; the losses agree within 1e-4):
+
+- the M candidates are decoded and preprocessed (resize, normalise, patchify) once per sample;
+- the combinations are fed with the model's own temporal pairing: a combination (a, b, c, d) in
+  temporal order is two temporal patches (a, b) and (c, d), exactly what the answering model sees at
+  eval time, so labels and use agree. The vision tower attends within a temporal patch only, so each
+  distinct patch is encoded once and reused by every combination containing it (at most C(M, 2)
+  patches; fewer when combinations are sampled). We did not feed each frame as its own patch
+  ([f, f]): it would make features per frame (M patches instead of up to C(M, 2)) but double the
+  visual tokens in every LLM forward, which is where the time goes for real models, and label
+  frames in a layout the answering model never sees;
+- every combination of a sample has the same token sequence (same T, same frame size, same fps
+  metadata), so the text is tokenised and the 3-D RoPE positions computed once; the batch differs
+  only in the visual features scattered at the video placeholders;
+- combinations run in batches of `batch_size`, and the LM head runs on the answer positions only.
 """
 
-import sys
-from dataclasses import dataclass
+from __future__ import annotations
 
-from common.config import parse_config
+import hashlib
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations as all_combinations
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.config import parse_config, require, save_config
+from common.data import Sample, build_prompt, build_target, load_samples
+from common.jsonl import append_jsonl, read_jsonl, write_json
+from common.launch import make_accelerator
+from common.models import chat_text, load_model, load_processor, model_inputs, model_path_ok
+from common.video import Clip, VideoError, read_frames
 
 
 @dataclass
 class Config:
-    model: str = "outputs/tiny/sft"
+    model: str = "outputs/tiny/sft/final"  # the frozen Video-LLM whose answer loss ranks combinations
     data: str = "outputs/tiny/data/train.json"
-    output_dir: str = "outputs/tiny/label_frames"
+    media_root: str = ""  # where relative media paths resolve; empty = the data file's directory
+    output_dir: str = "outputs/tiny/labels"
+    candidates: int = 16  # M candidate frames per video, uniform
+    num_frames: int = 4  # T frames per combination
+    max_combinations: int = 128  # all C(M, T) combinations up to this many, else this many sampled
+    refine_fraction: float = 0.25  # share of sampled combinations drawn towards low-loss frames (2nd round)
+    target: Literal["answer", "reasoning_answer"] = "answer"  # tokens whose loss is recorded
+    min_loss_spread: float = 0.0  # skip samples whose max - min loss is below this (no ranking signal)
+    families: list[str] = field(default_factory=list)  # label only these question families; empty = all
+    limit: int = 0  # label only the first N samples (after the family filter); 0 = all
+    batch_size: int = 64  # combinations per forward
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = ""
     seed: int = 0
 
+    def validate(self) -> None:
+        require(self.num_frames > 0, "num_frames", f"must be > 0, got {self.num_frames}")
+        require(self.candidates >= self.num_frames, "candidates",
+                f"M={self.candidates} must be >= num_frames T={self.num_frames}")
+        require(self.max_combinations >= 2, "max_combinations", "need at least 2 combinations to rank")
+        require(0.0 <= self.refine_fraction < 1.0, "refine_fraction", "must be in [0, 1)")
+        require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        require(self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
+        require(model_path_ok(self.model), "model", f"no such path: {self.model}")
+        require(Path(self.data).is_file(), "data", f"no such file: {self.data}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which combinations
+# ---------------------------------------------------------------------------------------------
+
+def sample_seed(seed: int, problem_id: str) -> int:
+    """A per-sample seed that does not depend on the shard or on what ran before (stable across resumes)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{problem_id}".encode()).digest()[:8], "little")
+
+
+def balanced_combinations(m: int, t: int, k: int, rng: random.Random,
+                          weights: Sequence[float] | None = None, exclude: set | None = None) -> list[tuple[int, ...]]:
+    """Up to `k` distinct T-subsets of range(m), ascending; each frame used about equally often.
+
+    Without weights, frames are drawn from a shuffled pool that is refilled only when empty, so every
+    candidate appears in about k * t / m combinations: each frame's effect on the loss is observed
+    often enough to rank it. With weights, frames are drawn proportionally to them (the refinement round).
+    """
+    exclude = set() if exclude is None else exclude
+    out: list[tuple[int, ...]] = []
+    pool: list[int] = []
+    for _ in range(50 * k):  # attempts; duplicates are rejected
+        if len(out) == k:
+            break
+        if weights is None:
+            combo: set[int] = set()
+            while len(combo) < t:
+                if not pool:
+                    pool = rng.sample(range(m), m)
+                combo.add(pool.pop())
+        else:
+            combo = set()
+            while len(combo) < t:
+                combo.add(rng.choices(range(m), weights=weights)[0])
+        key = tuple(sorted(combo))
+        if key not in exclude:
+            exclude.add(key)
+            out.append(key)
+    return out
+
+
+def frame_weights(combos: Sequence[tuple[int, ...]], losses: Sequence[float], m: int,
+                  temperature: float = 0.5) -> list[float]:
+    """Sampling weights favouring frames whose combinations had low loss (softmax of -mean loss).
+
+    A second round drawn with them covers the low end of the loss range, which uniform sampling
+    reaches rarely when only a few of the M frames matter (a brief event).
+    """
+    total, count = np.zeros(m), np.zeros(m)
+    for combo, loss in zip(combos, losses, strict=True):
+        total[list(combo)] += loss
+        count[list(combo)] += 1
+    mean = np.where(count > 0, total / np.maximum(count, 1), np.mean(losses))
+    weights = np.exp(-(mean - mean.min()) / (temperature * (np.std(losses) + 1e-6)))
+    return list(weights + 1e-3)  # every frame stays possible
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: the straightforward way (reference) and the fast way
+# ---------------------------------------------------------------------------------------------
+
+def answer_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy per row; logits (B, n, V) predict targets (B, n)."""
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return ce.mean(dim=1)
+
+
+def target_text(sample: Sample, target: str) -> str:
+    return build_target(sample, with_reasoning=target == "reasoning_answer")
+
+
+def target_length(processor, prompt: str, target: str) -> int:
+    """Tokens of target + end-of-turn: the last n tokens of every (left-padded) row are the answer."""
+    tok = processor.tokenizer
+    without = tok(chat_text(processor, prompt), add_special_tokens=False)["input_ids"]
+    with_target = tok(chat_text(processor, prompt, target=target), add_special_tokens=False)["input_ids"]
+    if with_target[: len(without)] != without:
+        raise ValueError("the tokenizer merges the answer with the prompt's last token; cannot locate the answer")
+    return len(with_target) - len(without)
+
+
+def subclip(clip: Clip, positions: Sequence[int]) -> Clip:
+    """The frames at `positions` of `clip`, with their frame numbers in the source video."""
+    positions = list(positions)
+    return Clip(frames=clip.frames[positions], indices=[clip.indices[p] for p in positions],
+                timestamps=[clip.timestamps[p] for p in positions], fps=clip.fps, total_frames=clip.total_frames)
+
+
+@torch.no_grad()
+def straightforward_losses(model, processor, clip: Clip, prompt: str, target: str,
+                           combos: Sequence[tuple[int, ...]]) -> list[float]:
+    """Reference: for each combination, the processor then a full forward of the model."""
+    n = target_length(processor, prompt, target)
+    losses = []
+    for combo in combos:
+        inputs = model_inputs(processor, [prompt], [subclip(clip, combo)], targets=[target]).to(model.device)
+        logits = model(**inputs).logits
+        losses.append(answer_losses(logits[:, -n - 1:-1], inputs["input_ids"][:, -n:]).item())
+    return losses
+
+
+class CombinationLabeler:
+    """Answer losses of many combinations of one sample's candidates, sharing all the work they share.
+
+    Built once per sample: per-frame pixel patches, the token sequence with its RoPE positions, and a
+    cache of vision-tower outputs per temporal patch (a tuple of candidate positions).
+    """
+
+    def __init__(self, model, processor, clip: Clip, prompt: str, target: str, num_frames: int):
+        self.model, self.processor = model, processor
+        vp = processor.video_processor
+        self.tp, self.t = vp.temporal_patch_size, num_frames
+        self.frame_patches = self._frame_patches(clip)  # (M, h*w, C, patch*patch): per candidate frame
+        # The token sequence is the same for every combination: build it from any one of them.
+        first = subclip(clip, range(num_frames))
+        inputs = model_inputs(processor, [prompt], [first], targets=[target]).to(model.device)
+        self.input_ids = inputs["input_ids"]
+        self.video_positions = (self.input_ids[0] == model.config.video_token_id).nonzero().squeeze(1)
+        self.position_ids, _ = model.model.get_rope_index(
+            self.input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
+            second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
+        self.n_target = target_length(processor, prompt, target)
+        self.text_embeds = model.get_input_embeddings()(self.input_ids)
+        self.patch_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _frame_patches(self, clip: Clip) -> torch.Tensor:
+        """Resize/normalise/patchify the candidates once and split the result back into single frames.
+
+        Frames go through the video processor in videos of T frames (the candidates, padded cyclically
+        to a multiple of T), so any frame-count-dependent resizing matches a T-frame combination.
+        """
+        m, t, tp = len(clip.indices), self.t, self.tp
+        order = list(range(m)) + list(range(-m % t))
+        videos = [clip.frames[order[i: i + t]] for i in range(0, len(order), t)]
+        out = self.processor.video_processor(videos=videos, do_sample_frames=False, return_tensors="pt")
+        grid_t, grid_h, grid_w = out["video_grid_thw"][0].tolist()
+        pixels = out["pixel_values_videos"]
+        ps2 = self.processor.video_processor.patch_size ** 2
+        channels = pixels.shape[1] // (tp * ps2)
+        # rows: (video, temporal patch, spatial position); columns: (channel, frame in patch, pixel)
+        pixels = pixels.view(len(videos), grid_t, grid_h * grid_w, channels, tp, ps2)
+        frames = pixels.permute(0, 1, 4, 2, 3, 5).reshape(len(videos), grid_t * tp, grid_h * grid_w, channels, ps2)
+        self.grid_hw = (grid_h, grid_w)
+        return frames[:, :t].reshape(-1, grid_h * grid_w, channels, ps2)[:m]
+
+    def temporal_patches(self, combo: Sequence[int]) -> list[tuple[int, ...]]:
+        """The model's pairing: consecutive frames grouped by temporal_patch_size, the last group
+        padded with its last frame (as the processor pads an odd frame count)."""
+        groups = [tuple(combo[i: i + self.tp]) for i in range(0, len(combo), self.tp)]
+        return [g + (g[-1],) * (self.tp - len(g)) for g in groups]
+
+    def _encode(self, patches: list[tuple[int, ...]]) -> None:
+        """Vision features of temporal patches not yet cached, in one tower call."""
+        todo = [p for p in dict.fromkeys(patches) if p not in self.patch_cache]
+        if not todo:
+            return
+        h, w = self.grid_hw
+        rows = torch.stack([self.frame_patches[list(p)] for p in todo])  # (P, tp, h*w, C, ps2)
+        rows = rows.permute(0, 2, 3, 1, 4).reshape(len(todo) * h * w, -1).to(self.model.device)
+        grid = torch.tensor([[1, h, w]] * len(todo), device=self.model.device)
+        features = self.model.get_video_features(rows, grid).pooler_output
+        self.patch_cache.update(zip(todo, features, strict=True))
+
+    @torch.no_grad()
+    def losses(self, combos: Sequence[tuple[int, ...]], batch_size: int) -> list[float]:
+        lm = self.model.model.language_model
+        patches = [self.temporal_patches(c) for c in combos]
+        self._encode([p for ps in patches for p in ps])
+        n, length = self.n_target, self.input_ids.shape[1]
+        out = []
+        for i in range(0, len(combos), batch_size):
+            chunk = patches[i: i + batch_size]
+            b = len(chunk)
+            embeds = self.text_embeds.expand(b, -1, -1).clone()
+            visual = torch.stack([torch.cat([self.patch_cache[p] for p in ps]) for ps in chunk])
+            embeds[:, self.video_positions] = visual.to(embeds.dtype)
+            hidden = lm(inputs_embeds=embeds, position_ids=self.position_ids.expand(-1, b, -1),
+                        attention_mask=torch.ones(b, length, dtype=torch.long, device=embeds.device)).last_hidden_state
+            logits = self.model.lm_head(hidden[:, length - n - 1: length - 1])
+            out += answer_losses(logits, self.input_ids[:, length - n:].expand(b, -1)).tolist()
+        return out
+
+
+def label_sample(model, processor, sample: Sample, cfg: Config) -> dict:
+    """Candidates, combinations and their losses for one sample (raises VideoError for broken videos)."""
+    clip = read_frames(sample.path, num_frames=cfg.candidates)
+    m, t = cfg.candidates, cfg.num_frames
+    prompt, target = build_prompt(sample), target_text(sample, cfg.target)
+    labeler = CombinationLabeler(model, processor, clip, prompt, target, t)
+    if math.comb(m, t) <= cfg.max_combinations:
+        combos = list(all_combinations(range(m), t))
+        losses = labeler.losses(combos, cfg.batch_size)
+    else:
+        rng = random.Random(sample_seed(cfg.seed, sample.problem_id))
+        n_refine = int(cfg.max_combinations * cfg.refine_fraction)
+        seen: set = set()
+        combos = balanced_combinations(m, t, cfg.max_combinations - n_refine, rng, exclude=seen)
+        losses = labeler.losses(combos, cfg.batch_size)
+        if n_refine:
+            extra = balanced_combinations(m, t, n_refine, rng, weights=frame_weights(combos, losses, m), exclude=seen)
+            combos, losses = combos + extra, losses + labeler.losses(extra, cfg.batch_size)
+    return {"problem_id": sample.problem_id, "path": str(sample.path), "candidate_indices": clip.indices,
+            "candidate_timestamps": [round(x, 4) for x in clip.timestamps], "fps": clip.fps,
+            "total_frames": clip.total_frames, "combinations": [list(c) for c in combos],
+            "losses": [round(x, 6) for x in losses], "label_model": cfg.model, "target": cfg.target,
+            "problem": sample.problem, "options": sample.options, "problem_type": sample.problem_type,
+            "question_family": sample.question_family, "evidence_frames": sample.evidence_frames}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
 
 def main() -> None:
-    parse_config(Config)
-    sys.exit("label_frames.py: not implemented yet (issue #5)")
+    cfg = parse_config(Config)
+    torch.manual_seed(cfg.seed)
+    samples = load_samples(cfg.data, cfg.media_root or None)
+    if cfg.families:
+        samples = [s for s in samples if s.question_family in cfg.families]
+    samples = samples[: cfg.limit or None]
+    accelerator = make_accelerator()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+    rank = accelerator.process_index
+    labels_path, skipped_path = out / f"labels.rank{rank}.jsonl", out / f"skipped.rank{rank}.jsonl"
+    done = {r["problem_id"] for name in ("labels", "skipped")
+            for p in [out / f"{name}.jsonl", *out.glob(f"{name}.rank*.jsonl")] for r in read_jsonl(p)}
+    for path in (labels_path, skipped_path):
+        read_jsonl(path, repair=True)  # cut a line left half-written by an interrupted run
+
+    # Samples are dealt round-robin, so a sample's shard does not depend on what is already done.
+    mine = [s for k, s in enumerate(samples)
+            if k % accelerator.num_processes == rank and s.problem_id not in done]
+    start, n_combos = time.time(), 0
+    if mine:
+        model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation or None, device=accelerator.device)
+        model.eval()
+        processor = load_processor(cfg.model)
+        bar = tqdm(mine, unit="sample", desc=f"label rank {rank}", disable=not accelerator.is_local_main_process)
+        for sample in bar:
+            if sample.data_type != "video":
+                append_jsonl(skipped_path, [{"problem_id": sample.problem_id, "reason": "image sample"}])
+                continue
+            try:
+                record = label_sample(model, processor, sample, cfg)
+            except VideoError as e:
+                append_jsonl(skipped_path, [{"problem_id": sample.problem_id, "reason": str(e)}])
+                continue
+            spread = max(record["losses"]) - min(record["losses"])
+            if spread < cfg.min_loss_spread:
+                append_jsonl(skipped_path, [{"problem_id": sample.problem_id,
+                                             "reason": f"flat losses: spread {spread:.4g} < {cfg.min_loss_spread}"}])
+                continue
+            append_jsonl(labels_path, [record])
+            n_combos += len(record["losses"])
+            bar.set_postfix(combos=n_combos)
+    elapsed = time.time() - start
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        order = [s.problem_id for s in samples]
+        labels, skipped = merge_shards(out, "labels", order), merge_shards(out, "skipped", order)
+        summary = {"samples": len(labels), "combinations": sum(len(r["losses"]) for r in labels),
+                   "skipped": len(skipped), "skipped_samples": skipped, "label_model": cfg.model,
+                   "data": cfg.data, "seconds_this_run": round(elapsed, 2), "samples_labeled_this_run": len(mine),
+                   "samples_per_second_rank0": round(len(mine) / elapsed, 3) if mine and elapsed else None,
+                   "time": time.strftime("%F %T")}
+        write_json(out / "summary.json", summary)
+        print(f"labeled {summary['samples']} samples ({summary['combinations']} combinations), "
+              f"skipped {len(skipped)} -> {out / 'labels.jsonl'}")
+    accelerator.end_training()
+
+
+def merge_shards(out: Path, name: str, order: list[str]) -> list[dict]:
+    """Fold NAME.rank*.jsonl into NAME.jsonl, in data order, each sample once; returns the rows."""
+    shards = sorted(out.glob(f"{name}.rank*.jsonl"))
+    by_id: dict[str, dict] = {}
+    for path in [out / f"{name}.jsonl", *shards]:
+        for row in read_jsonl(path):
+            by_id.setdefault(row["problem_id"], row)
+    rows = [by_id[i] for i in order if i in by_id]
+    tmp = out / f"{name}.jsonl.tmp"
+    tmp.write_text("")
+    append_jsonl(tmp, rows)
+    tmp.replace(out / f"{name}.jsonl")
+    for path in shards:
+        path.unlink()
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,26 +1,422 @@
-"""GRPO with key-token reinforcement (Video-KTR).
+"""GRPO with key-token reinforcement (Video-KTR) for a Video-LLM, written out top to bottom.
 
-Not implemented yet: this stage is planned in issue #4. It already takes its config the way
-every stage does (`--config FILE key=value ...`), so run.sh and the tests can call it.
+    accelerate launch train_ktr.py --config configs/ktr.yaml      # Video-KTR
+    accelerate launch train_ktr.py --config configs/grpo.yaml     # the same with every signal off = GRPO
+
+Each step, for a batch of prompts:
+  rollout      sample G completions per prompt (the visual placeholder tokens can never be generated)
+  rewards      accuracy + format (+ optional length bonus) -> group-normalised advantages
+  attribution  per completion token: visual score  = logp(real) - logp(visual tokens removed)
+                                     temporal score = logp(real) - logp(temporal patches shuffled)
+                                     entropy of the policy
+  key tokens   union over signals of the tokens at or above each signal's (1 - ratio) quantile
+  loss         GRPO (clipped ratio, k3 KL to a reference when beta > 0) on key tokens only
+  update       optimizer step; metrics, token logs and attribution.html; checkpoints
+
+Writes DIR/metrics.jsonl, DIR/tokens.jsonl (which tokens each signal selected), DIR/attribution.html,
+DIR/checkpoints/step_N (resumable) and DIR/final (loadable by eval.py).
 """
 
-import sys
-from dataclasses import dataclass
+from __future__ import annotations
 
-from common.config import parse_config
+import contextlib
+import copy
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from common.attribution import (
+    Rollout,
+    VisualFeatures,
+    build_rollout,
+    counterfactual_logps,
+    permute_temporal_patches,
+    policy_logps,
+    temporal_permutation,
+    visual_features,
+)
+from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
+from common.config import parse_config, require, save_config
+from common.data import build_prompt, epoch_batches, load_samples
+from common.frames import FramesConfig, load_visual, make_selector
+from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
+from common.jsonl import append_jsonl
+from common.launch import make_accelerator
+from common.models import load_model, load_processor, model_inputs, model_path_ok, visual_tokens
+from common.report import write_attribution_html
+from common.rewards import accuracy_reward, format_reward, length_reward
+from common.video import VideoError
+
+
+@dataclass
+class AttributionConfig:
+    visual: bool = True  # visual-aware tokens: counterfactual removal of the visual input
+    visual_ratio: float = 0.2
+    visual_removal: Literal["mask", "pixels"] = "mask"  # drop visual tokens (= attention mask) or blank pixels
+    temporal: bool = True  # temporal-aware tokens: perturbed frame order (video samples only)
+    temporal_ratio: float = 0.2
+    temporal_mode: Literal["shuffle", "reverse", "segment_shuffle"] = "shuffle"
+    temporal_segments: int = 4
+    entropy: bool = True  # high-entropy tokens
+    entropy_ratio: float = 0.2
+    score: Literal["signed", "absolute"] = "signed"  # signed = the paper's code
+    scope: Literal["group", "sequence", "batch"] = "group"  # where the quantile is taken
+    chunk_size: int = 64  # completion positions per log-prob chunk
+
+
+@dataclass
+class RewardConfig:
+    accuracy_weight: float = 1.0
+    format_weight: float = 1.0
+    length_bonus: float = 0.0  # e.g. 0.2 for correct answers whose length is in [length_min, length_max] words
+    length_min: int = 32
+    length_max: int = 256
 
 
 @dataclass
 class Config:
-    model: str = "outputs/tiny/sft"
+    model: str = "outputs/tiny/sft/final"
     data: str = "outputs/tiny/data/train.json"
-    output_dir: str = "outputs/tiny/train_ktr"
+    media_root: str = ""
+    output_dir: str = "outputs/tiny/ktr"
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    num_generations: int = 8  # G completions per prompt
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 768
+    batch_size: int = 1  # prompts per process per step
+    max_steps: int = 0  # 0 = one pass over the data
+    lr: float = 2e-6
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 5.0
+    beta: float = 0.04  # KL weight; 0 = no reference model at all
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1  # updates per generated batch (PPO-style reuse)
+    aggregation: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
+    kl_on_all_tokens: bool = False  # false = the KL term is masked like the policy term
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = True
+    attn_implementation: str = ""
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    token_log_every: int = 1  # write which tokens were selected every N steps (0 = never)
+    html_samples: int = 12  # completions shown in attribution.html
+    on_bad_video: Literal["skip", "stop"] = "skip"
+    trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
+    resume: bool = True
     seed: int = 0
+
+    def validate(self) -> None:
+        require(model_path_ok(self.model), "model", f"no such path: {self.model}")
+        require(Path(self.data).is_file(), "data", f"no such file: {self.data}")
+        for key in ("visual_ratio", "temporal_ratio", "entropy_ratio"):
+            value = getattr(self.attribution, key)
+            require(0 <= value <= 1, f"attribution.{key}", f"must be in [0, 1], got {value}")
+        require(self.attribution.chunk_size > 0, "attribution.chunk_size", "must be > 0")
+        require(self.num_generations >= 2, "num_generations", f"GRPO needs >= 2 per prompt, got {self.num_generations}")
+        for key in ("batch_size", "max_new_tokens", "num_iterations", "log_every"):
+            require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        require(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
+        require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        require(self.epsilon >= 0, "epsilon", f"must be >= 0, got {self.epsilon}")
+        self.frames.validate()
+
+    @property
+    def signal_ratios(self) -> dict[str, float]:
+        a = self.attribution
+        return {name: ratio for name, on, ratio in (("visual", a.visual, a.visual_ratio),
+                                                    ("temporal", a.temporal, a.temporal_ratio),
+                                                    ("entropy", a.entropy, a.entropy_ratio)) if on and ratio > 0}
+
+
+class PolicyLogps(torch.nn.Module):
+    """The policy's forward for the loss: completion log-probs and entropies with the visual
+    features encoded once per prompt. Wrapping it (rather than calling submodules of the HF model)
+    lets DDP / DeepSpeed see one forward per step and synchronise gradients."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rollout: Rollout, chunk_size: int, with_entropy: bool):
+        features = visual_features(self.model, rollout.visual_inputs)
+        logps, entropy = policy_logps(self.model, rollout, features, chunk_size, with_entropy)
+        return logps, entropy, features
+
+
+def rewards_of(completions: list[str], samples: list, cfg: Config) -> dict[str, torch.Tensor]:
+    """Each reward function's value per completion (the samples are repeated G times)."""
+    accuracy = [accuracy_reward(c, s.solution, s.problem_type) for c, s in zip(completions, samples, strict=True)]
+    out = {"accuracy": torch.tensor(accuracy), "format": torch.tensor([format_reward(c) for c in completions])}
+    if cfg.reward.length_bonus:
+        out["length"] = torch.tensor([length_reward(c, a, cfg.reward.length_min, cfg.reward.length_max,
+                                                    cfg.reward.length_bonus) for c, a in zip(completions, accuracy,
+                                                                                           strict=True)])
+    return out
+
+
+@contextlib.contextmanager
+def gathered_for_generation(accelerator, model):
+    """Under ZeRO-3 the parameters are sharded; generation needs them whole on every rank."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def signal_overlaps(masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Jaccard overlap of each pair of signals' selections."""
+    out = {}
+    for (a, ma), (b, mb) in itertools.combinations(sorted(masks.items()), 2):
+        union = (ma | mb).sum().item()
+        out[f"overlap/{a}_{b}"] = (ma & mb).sum().item() / union if union else 0.0
+    return out
 
 
 def main() -> None:
-    parse_config(Config)
-    sys.exit("train_ktr.py: not implemented yet (issue #4)")
+    cfg = parse_config(Config)
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
+                                   log_with=cfg.trackers or None, project_dir=str(out))
+    samples = load_samples(cfg.data, cfg.media_root or None)
+    select = make_selector(cfg.frames)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+        if cfg.trackers:
+            accelerator.init_trackers("train_ktr", config={"output_dir": str(out)})
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+
+    model = load_model(resume_from or cfg.model, attn_implementation=cfg.attn_implementation or None)
+    processor = load_processor(cfg.model)
+    tokenizer = processor.tokenizer
+    ids = visual_tokens(model.config)
+    eos_ids = sorted({tokenizer.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or []).tolist()})
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    ref_model = None
+    if cfg.beta > 0:  # a frozen copy of the starting policy
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
+
+    steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes, 0, cfg.seed, 0))
+    require(steps_per_epoch > 0, "batch_size", f"{len(samples)} samples are fewer than one global batch")
+    total_steps = cfg.max_steps or steps_per_epoch
+    policy = PolicyLogps(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    hf_model = accelerator.unwrap_model(policy).model  # the same parameters, for generate() and no-grad passes
+
+    step = 0
+    if resume_from is not None:
+        step = load_progress(accelerator, resume_from)["step"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+
+    html_records: list[dict] = []
+    bar = tqdm(total=total_steps, initial=step, desc="ktr" if cfg.signal_ratios else "grpo", unit="step",
+               disable=not accelerator.is_main_process)
+    while step < total_steps:
+        # Everything random in a step is seeded by (seed, step, rank): a resumed run repeats it exactly.
+        torch.manual_seed(cfg.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        indices = epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes,
+                                accelerator.process_index, cfg.seed, epoch)[in_epoch]
+        timings = {}
+
+        # ---- rollout: G completions per prompt ----------------------------------------------
+        t0 = time.time()
+        batch, visuals = [], []
+        for i in indices:
+            try:
+                visuals.append(load_visual(samples[i], select))
+                batch.append(samples[i])
+            except VideoError as e:
+                if cfg.on_bad_video == "stop":
+                    raise
+                append_jsonl(out / "skipped.jsonl", [{"step": step, "problem_id": samples[i].problem_id,
+                                                      "error": str(e)}])
+        require(bool(batch), "data", f"every video of step {step}'s batch was unreadable (see skipped.jsonl)")
+        prompt_inputs = model_inputs(processor, [build_prompt(s) for s in batch], visuals).to(accelerator.device)
+        hf_model.eval()
+        with torch.no_grad(), gathered_for_generation(accelerator, hf_model):
+            generated = hf_model.generate(**prompt_inputs, do_sample=True, temperature=cfg.temperature,
+                                          top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
+                                          num_return_sequences=cfg.num_generations,
+                                          bad_words_ids=[[t] for t in ids.placeholders])
+        hf_model.model.rope_deltas = None
+        hf_model.train()
+        completion_ids = generated[:, prompt_inputs["input_ids"].shape[1]:]
+        rollout = build_rollout(hf_model, prompt_inputs, completion_ids, cfg.num_generations, eos_ids)
+        lengths = rollout.completion_mask.sum(dim=1).tolist()
+        completions = [tokenizer.decode(row[:n], skip_special_tokens=True)
+                       for row, n in zip(completion_ids.tolist(), lengths, strict=True)]
+        timings["generation"] = time.time() - t0
+
+        # ---- rewards -> group-normalised advantages ------------------------------------------
+        repeated = [s for s in batch for _ in range(cfg.num_generations)]
+        reward_parts = rewards_of(completions, repeated, cfg)
+        weights = {"accuracy": cfg.reward.accuracy_weight, "format": cfg.reward.format_weight, "length": 1.0}
+        rewards = sum(weights[k] * v for k, v in reward_parts.items()).to(accelerator.device)
+        advantages = group_advantages(rewards, cfg.num_generations)
+
+        # ---- policy forward + attribution signals -> key-token mask ---------------------------
+        t0 = time.time()
+        logps, entropy, features = policy(rollout, cfg.attribution.chunk_size, "entropy" in cfg.signal_ratios)
+        scores = {}
+        if "visual" in cfg.signal_ratios:
+            scores["visual"] = counterfactual_scores(logps.detach(), visual_removed_logps(hf_model, rollout, features,
+                                                                                          cfg), cfg.attribution.score)
+        if "temporal" in cfg.signal_ratios:
+            scores["temporal"] = temporal_scores(hf_model, rollout, features, logps.detach(), cfg, step)
+        if "entropy" in cfg.signal_ratios:
+            scores["entropy"] = entropy
+        key_mask, signal_masks = key_token_mask(scores, cfg.signal_ratios, rollout.completion_mask,
+                                                cfg.num_generations, cfg.attribution.scope)
+        ref_logps = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_features = visual_features(ref_model, rollout.visual_inputs)
+                ref_logps, _ = policy_logps(ref_model, rollout, ref_features, cfg.attribution.chunk_size, False)
+        timings["attribution"] = time.time() - t0
+
+        # ---- loss on key tokens -> update (num_iterations > 1 reuses the batch) ---------------
+        t0 = time.time()
+        old_logps = logps.detach() if cfg.num_iterations > 1 else None
+        for iteration in range(cfg.num_iterations):
+            if iteration > 0:
+                logps, _, _ = policy(rollout, cfg.attribution.chunk_size, False)
+            loss, loss_metrics = grpo_loss(
+                logps, old_logps, ref_logps, advantages, rollout.completion_mask, key_mask, beta=cfg.beta,
+                epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
+                max_completion_length=cfg.max_new_tokens, kl_on_all_tokens=cfg.kl_on_all_tokens)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        timings["update"] = time.time() - t0
+        step += 1
+        bar.update(1)
+
+        # ---- what a researcher sees ---------------------------------------------------------
+        valid = rollout.completion_mask
+        group_acc = reward_parts["accuracy"].view(-1, cfg.num_generations)
+        metrics = {
+            "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+            **{f"reward/{k}": v.mean().item() for k, v in reward_parts.items()},
+            "accuracy": reward_parts["accuracy"].mean().item(),
+            "completion_length": valid.sum(dim=1).float().mean().item(),
+            "all_correct_groups": (group_acc == 1).all(dim=1).float().mean().item(),
+            "all_wrong_groups": (group_acc == 0).all(dim=1).float().mean().item(),
+            "selected/union": (key_mask & valid).sum().item() / valid.sum().item() if key_mask is not None else 1.0,
+            **{f"selected/{k}": (m & valid).sum().item() / valid.sum().item() for k, m in signal_masks.items()},
+            **signal_overlaps(signal_masks), **loss_metrics,
+            **{f"time/{k}": v for k, v in timings.items()},
+        }
+        metrics = gather_mean(accelerator, metrics)
+        if accelerator.is_main_process:
+            if step % cfg.log_every == 0 or step == total_steps:
+                append_jsonl(out / "metrics.jsonl", [metrics])
+                if cfg.trackers:
+                    accelerator.log(metrics, step=step)
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}", sel=f"{metrics['selected/union']:.2f}")
+            if cfg.token_log_every and step % cfg.token_log_every == 0:
+                rows = token_rows(tokenizer, batch, rollout, completions, reward_parts, scores, signal_masks, step)
+                append_jsonl(out / "tokens.jsonl", rows)
+                html_records = (html_records + rows)[-cfg.html_samples:]
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(accelerator, policy, processor, out / "checkpoints" / f"step_{step:06d}",
+                            progress={"step": step}, keep=cfg.keep_checkpoints)
+    bar.close()
+    save_checkpoint(accelerator, policy, processor, out / "final")
+    if accelerator.is_main_process:
+        write_attribution_html(html_records, out / "attribution.html", title=f"{out.name}: key tokens")
+        print(f"final model -> {out / 'final'}\nmetrics -> {out / 'metrics.jsonl'}\n"
+              f"token attributions -> {out / 'attribution.html'}")
+    accelerator.end_training()
+
+
+def visual_removed_logps(model, rollout: Rollout, features: VisualFeatures, cfg: Config) -> torch.Tensor:
+    """logp(token | visual input removed): dropped tokens (= masked from attention, positions kept),
+    or the visual input replaced by blank pixels (re-encoded once)."""
+    if cfg.attribution.visual_removal == "mask":
+        return counterfactual_logps(model, rollout, None, drop_visual=True, chunk_size=cfg.attribution.chunk_size)
+    blank = {k: torch.zeros_like(v) if k.startswith("pixel_values") else v for k, v in rollout.visual_inputs.items()}
+    with torch.no_grad():
+        blank_features = visual_features(model, blank)
+    return counterfactual_logps(model, rollout, blank_features, drop_visual=False,
+                                chunk_size=cfg.attribution.chunk_size)
+
+
+def temporal_scores(model, rollout: Rollout, features: VisualFeatures, logps: torch.Tensor, cfg: Config,
+                    step: int) -> torch.Tensor:
+    """logp(real order) - logp(perturbed order), with whole temporal patches of the cached vision
+    features permuted (no re-encoding). Image prompts have no temporal signal: NaN, never selected."""
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    grids = features.video_grids.tolist() if features.video_grids is not None else []
+    perms = [temporal_permutation(t, cfg.attribution.temporal_mode, generator, cfg.attribution.temporal_segments)
+             for t, _, _ in grids]
+    detached = VisualFeatures([f.detach() for f in features.video], [f.detach() for f in features.image],
+                              features.video_grids)
+    shuffled = counterfactual_logps(model, rollout, permute_temporal_patches(detached, perms), drop_visual=False,
+                                    chunk_size=cfg.attribution.chunk_size)
+    scores = counterfactual_scores(logps, shuffled, cfg.attribution.score)
+    is_image = torch.tensor([k == "image" for k in rollout.kinds], device=scores.device)
+    return scores.masked_fill(is_image.repeat_interleave(rollout.group_size)[:, None], math.nan)
+
+
+def gather_mean(accelerator, metrics: dict) -> dict:
+    """Average the numeric metrics over processes (each process saw its own prompts)."""
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = [k for k, v in metrics.items() if isinstance(v, float | int) and k != "step"]
+    values = torch.tensor([float(metrics[k]) for k in keys], device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean")
+    return {**metrics, **dict(zip(keys, values.tolist(), strict=True))}
+
+
+def token_rows(tokenizer, batch, rollout: Rollout, completions, reward_parts, scores, masks, step) -> list[dict]:
+    """One row per completion: its tokens and, per signal, the scores and whether it was selected."""
+    rows = []
+    for n in range(rollout.completion_ids.shape[0]):
+        length = int(rollout.completion_mask[n].sum())
+        ids = rollout.completion_ids[n, :length].tolist()
+        sample = batch[n // rollout.group_size]
+        rows.append({
+            "step": step, "problem_id": sample.problem_id, "question": sample.problem,
+            "question_family": sample.question_family, "solution": sample.solution,
+            "completion": completions[n], "reward": {k: float(v[n]) for k, v in reward_parts.items()},
+            "tokens": [tokenizer.decode([t]) for t in ids],
+            "selected": {k: "".join("1" if x else "0" for x in m[n, :length].tolist()) for k, m in masks.items()},
+            "scores": {k: [None if not math.isfinite(x) else round(x, 4) for x in s[n, :length].tolist()]
+                       for k, s in scores.items()},
+        })
+    return rows
 
 
 if __name__ == "__main__":

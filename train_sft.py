@@ -11,9 +11,7 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +21,9 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
 from common.config import parse_config, require, save_config
-from common.data import build_prompt, build_target, load_samples
+from common.data import build_prompt, build_target, epoch_batches, load_samples
 from common.frames import FramesConfig, load_visual, make_selector
 from common.jsonl import append_jsonl
 from common.launch import make_accelerator
@@ -70,15 +69,6 @@ class Config:
         self.frames.validate()
 
 
-def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
-    """This process's sample indices for each step of an epoch: a seeded shuffle, cut into global
-    batches of batch_size * world, each dealt out by rank (an incomplete last batch is dropped)."""
-    order = np.random.default_rng(seed + epoch).permutation(n)
-    per_step = batch_size * world
-    return [order[s + rank * batch_size: s + (rank + 1) * batch_size].tolist()
-            for s in range(0, n - per_step + 1, per_step)]
-
-
 def supervised_labels(input_ids: torch.Tensor, target_lengths: list[int]) -> torch.Tensor:
     """Labels with everything but the last `target_lengths[i]` tokens of each row masked (-100).
     Rows are left-padded, so the assistant answer (ending with EOS) is at the end of every row."""
@@ -88,18 +78,13 @@ def supervised_labels(input_ids: torch.Tensor, target_lengths: list[int]) -> tor
     return labels
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p.parent for p in (out / "checkpoints").glob("step_*/progress.json"))
-    return done[-1] if done else None
-
-
 def main() -> None:
     cfg = parse_config(Config)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                    mixed_precision="bf16" if cfg.bf16 else "no")
     torch.manual_seed(cfg.seed)
-    samples = [s for s in load_samples(cfg.data, cfg.media_root or None)]
+    samples = load_samples(cfg.data, cfg.media_root or None)
     select = make_selector(cfg.frames)
     if accelerator.is_main_process:
         save_config(cfg, out)
@@ -124,33 +109,9 @@ def main() -> None:
 
     step, micro = 0, 0  # optimizer steps done, micro-batches consumed
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "training_state"))
-        progress = json.loads((resume_from / "progress.json").read_text())
+        progress = load_progress(accelerator, resume_from)
         step, micro = progress["step"], progress["micro"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
-
-    def save(path: Path, with_state: bool) -> None:
-        """Write into a temporary directory and rename it, so a checkpoint is whole or absent."""
-        tmp = path.with_name(path.name + ".tmp")
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.unwrap_model(model).save_pretrained(
-            tmp, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-            state_dict=accelerator.get_state_dict(model))
-        if with_state:
-            accelerator.save_state(str(tmp / "training_state"))
-        if accelerator.is_main_process:
-            processor.save_pretrained(tmp)
-            if with_state:
-                (tmp / "progress.json").write_text(json.dumps({"step": step, "micro": micro}))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-            old = sorted((out / "checkpoints").glob("step_*[0-9]"))[: -cfg.keep_checkpoints]
-            for p in old if with_state else []:
-                shutil.rmtree(p)
-        accelerator.wait_for_everyone()
 
     skipped_path = out / "skipped.jsonl"
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=not accelerator.is_main_process)
@@ -207,11 +168,12 @@ def main() -> None:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 window, t_window = [], time.time()
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                save(out / "checkpoints" / f"step_{step:06d}", with_state=True)
+                save_checkpoint(accelerator, model, processor, out / "checkpoints" / f"step_{step:06d}",
+                                progress={"step": step, "micro": micro}, keep=cfg.keep_checkpoints)
             if step >= total_steps:
                 break
     bar.close()
-    save(out / "final", with_state=False)
+    save_checkpoint(accelerator, model, processor, out / "final")
     accelerator.print(f"final model -> {out / 'final'}; metrics -> {out / 'metrics.jsonl'}")
     accelerator.end_training()
 

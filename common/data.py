@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 PROBLEM_TYPES = ("multiple choice", "numerical", "OCR", "free-form", "regression")
 DATA_TYPES = ("video", "image")
 REQUIRED_FIELDS = ("problem_id", "problem", "data_type", "problem_type", "solution", "path")
@@ -159,3 +161,13 @@ def build_target(sample: Sample, with_reasoning: bool = True) -> str:
     if with_reasoning and sample.process:
         return f"<think>{sample.process.strip()}</think>{answer}"
     return answer
+
+
+def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
+    """This process's sample indices for each step of an epoch: a seeded shuffle, cut into global
+    batches of batch_size * world, each dealt out by rank (an incomplete last batch is dropped).
+    A pure function of (seed, epoch), so a resumed run sees exactly the batches it would have."""
+    order = np.random.default_rng(seed + epoch).permutation(n)
+    per_step = batch_size * world
+    return [order[s + rank * batch_size: s + (rank + 1) * batch_size].tolist()
+            for s in range(0, n - per_step + 1, per_step)]

@@ -44,8 +44,12 @@ class FramesConfig:
 Selector = Callable[[Sample], Clip]
 
 
-def make_selector(cfg: FramesConfig) -> Selector:
-    """The frame selector for `cfg.strategy`; frames come back in temporal order."""
+def make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
+    """The frame selector for `cfg.strategy`; frames come back in temporal order.
+
+    `model` / `processor` are the answering Video-LLM, which retrieval may use for its embeddings
+    when no CLIP/SigLIP model is configured; the simple strategies ignore them.
+    """
     if cfg.strategy == "uniform":
         return lambda sample: read_frames(sample.path, num_frames=cfg.num)
     if cfg.strategy == "fps":

@@ -130,15 +130,16 @@ def uniform_indices(total_frames: int, num_frames: int) -> list[int]:
 def fps_indices(total_frames: int, video_fps: float, fps: float, max_frames: int | None = None) -> list[int]:
     """The frame shown at the centre of each 1/fps interval that starts inside the video.
 
-    A last partial interval whose centre lies past the end takes the last frame; `fps` at or above the
-    video's rate gives every frame once (never duplicates). Over `max_frames`, falls back to
-    uniform_indices(total_frames, max_frames) so the capped sample still spans the whole video.
+    A last, partial interval samples the centre of the part inside the video (so a clip shorter than
+    1/fps still gives its middle frame); `fps` at or above the video's rate gives every frame once
+    (never duplicates). Over `max_frames`, falls back to uniform_indices(total_frames, max_frames) so
+    the capped sample still spans the whole video.
     """
     if total_frames <= 0 or video_fps <= 0 or fps <= 0:
         raise ValueError(f"need positive total_frames, video_fps, fps; got {total_frames}, {video_fps}, {fps}")
     step = video_fps / fps  # video frames per sample
     n = max(1, math.ceil(total_frames / step - 1e-9))
-    out = sorted({min(total_frames - 1, int((k + 0.5) * step)) for k in range(n)})
+    out = sorted({int((k * step + min((k + 1) * step, total_frames)) / 2) for k in range(n)})
     if max_frames is not None and len(out) > max_frames:
         return uniform_indices(total_frames, max_frames)
     return out

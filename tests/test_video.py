@@ -198,9 +198,9 @@ def test_fps_indices_centres_caps_and_never_duplicates():
     assert fps_indices(100, 25.0, 2.0) == [6, 18, 31, 43, 56, 68, 81, 93]
     assert fps_indices(100, 25.0, 2.0, max_frames=8) == [6, 18, 31, 43, 56, 68, 81, 93]
     assert fps_indices(100, 25.0, 2.0, max_frames=4) == uniform_indices(100, 4) == [12, 37, 62, 87]
-    assert fps_indices(30, 25.0, 1.0) == [12, 29]  # the partial last second still gets a frame
+    assert fps_indices(30, 25.0, 1.0) == [12, 27]  # the partial last second: centre of its 5 frames
     assert fps_indices(5, 25.0, 60.0) == [0, 1, 2, 3, 4]  # faster than the video: each frame once
-    assert fps_indices(3, 25.0, 0.1) == [1]
+    assert fps_indices(3, 25.0, 0.1) == [1]  # shorter than one interval: its middle frame
 
 
 def test_read_frames_uses_the_documented_selection(vdir):

@@ -1,0 +1,279 @@
+"""Token log-probs under the real and counterfactual inputs that Video-KTR's attribution needs,
+computed cheaply, plus the straightforward computation they must equal.
+
+A rollout is B prompts x G sampled completions, laid out as one (N = B*G, P + Lc) batch:
+prompts left-padded to P, completions right-padded to Lc (what `generate` returns).
+
+What makes it cheap (each gives the same numbers as the straightforward way; tests check it):
+- the vision tower runs once per video per step: `visual_features` encodes each prompt's video
+  once; the G copies of a prompt share those features (`embed_inputs`), and the frame-shuffled
+  counterfactual permutes whole temporal patches of the cached features, which for Qwen2-VL /
+  Qwen2.5-VL equals re-encoding shuffled frame pairs (the tower attends within a patch only);
+- the visual-removed counterfactual drops the visual tokens from the sequence and keeps every
+  other token's position, which equals masking them from attention, and needs no pixels;
+- the G completions of a prompt share its prefix: the no-grad passes run the prompt once and
+  reuse its KV cache for the G completions;
+- log-probs come from hidden states in chunks (`token_logps_and_entropy`), never as a
+  (N x L x vocabulary) float32 tensor.
+Supported: the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL), whose processor gives mm_token_type_ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.grpo import token_logps_and_entropy
+from common.models import visual_tokens
+
+TEMPORAL_MODES = ("shuffle", "reverse", "segment_shuffle")
+
+
+@dataclass
+class Rollout:
+    """Prompt + completion ids of N = B*G sequences and what a forward needs to run over them."""
+
+    input_ids: torch.Tensor  # (N, P + Lc)
+    attention_mask: torch.Tensor  # (N, P + Lc)
+    position_ids: torch.Tensor  # (3, N, P + Lc), computed once with the full mask
+    completion_mask: torch.Tensor  # (N, Lc) bool: tokens up to and including the first EOS
+    prompt_length: int  # P
+    group_size: int  # G
+    visual_inputs: dict  # pixel_values(_videos), *_grid_thw, second_per_grid_ts of the B prompts
+    kinds: list[str]  # per prompt: "video" or "image"
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length:]
+
+
+def completion_mask_from(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """Valid tokens: everything up to and including the first EOS (a completion cut at the length
+    limit has no EOS and is valid to its end)."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    return ~after_eos
+
+
+def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, group_size: int,
+                  eos_token_ids: list[int]) -> Rollout:
+    """Lay out B processed prompts (left-padded) and their B*G completions (right-padded)."""
+    n, lc = completion_ids.shape
+    repeat = lambda t: t.repeat_interleave(group_size, dim=0)  # noqa: E731
+    completion_mask = completion_mask_from(completion_ids, eos_token_ids)
+    input_ids = torch.cat([repeat(prompt_inputs["input_ids"]), completion_ids], dim=1)
+    attention_mask = torch.cat([repeat(prompt_inputs["attention_mask"]), completion_mask.long()], dim=1)
+    token_types = torch.cat([repeat(prompt_inputs["mm_token_type_ids"]),
+                             torch.zeros_like(completion_ids, dtype=prompt_inputs["mm_token_type_ids"].dtype)], 1)
+    visual = {k: v for k, v in prompt_inputs.items()
+              if k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                       "second_per_grid_ts")}
+    grids = {k: repeat(v) for k, v in visual.items() if k in ("image_grid_thw", "video_grid_thw",
+                                                               "second_per_grid_ts")}
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
+                                                 attention_mask=attention_mask, **grids)
+    model.model.rope_deltas = None
+    video_token = visual_tokens(model.config).video
+    kinds = ["video" if (row == video_token).any() else "image" for row in prompt_inputs["input_ids"]]
+    return Rollout(input_ids, attention_mask, position_ids, completion_mask,
+                   prompt_inputs["input_ids"].shape[1], group_size, visual, kinds)
+
+
+# ------------------------------------------------------------------------------------------------
+# Visual features: encoded once per prompt, shared by its G completions.
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class VisualFeatures:
+    video: list[torch.Tensor]  # per video, (tokens, hidden), temporal patches contiguous
+    image: list[torch.Tensor]
+    video_grids: torch.Tensor | None  # (B_video, 3) t, h, w in patches
+
+
+def visual_features(model, visual_inputs: dict) -> VisualFeatures:
+    """Run the vision tower once over the batch's videos and images."""
+    video, image, grids = [], [], visual_inputs.get("video_grid_thw")
+    if visual_inputs.get("pixel_values_videos") is not None:
+        out = model.model.get_video_features(visual_inputs["pixel_values_videos"], grids)
+        video = list(out.pooler_output)
+    if visual_inputs.get("pixel_values") is not None:
+        out = model.model.get_image_features(visual_inputs["pixel_values"], visual_inputs["image_grid_thw"])
+        image = list(out.pooler_output)
+    return VisualFeatures(video, image, grids)
+
+
+def embed_inputs(model, input_ids: torch.Tensor, features: VisualFeatures, rows_per_prompt: int) -> torch.Tensor:
+    """Token embeddings with each prompt's visual features scattered into its placeholders,
+    repeated for the prompt's `rows_per_prompt` rows (the features are not recomputed)."""
+    ids = visual_tokens(model.config)
+    embeds = model.get_input_embeddings()(input_ids)
+    for token, feats in ((ids.image, features.image), (ids.video, features.video)):
+        if not feats:
+            continue
+        rows = torch.cat([f for f in feats for _ in range(rows_per_prompt)], dim=0).to(embeds.dtype)
+        mask = (input_ids == token).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, rows)
+    return embeds
+
+
+def permute_temporal_patches(features: VisualFeatures, permutations: list[torch.Tensor | None]) -> VisualFeatures:
+    """Reorder whole temporal patches of each video's features (None keeps a video as it is)."""
+    out = []
+    for feats, grid, perm in zip(features.video, features.video_grids.tolist(), permutations, strict=True):
+        t = grid[0]
+        out.append(feats if perm is None else feats.view(t, -1, feats.shape[-1])[perm].reshape_as(feats))
+    return VisualFeatures(out, features.image, features.video_grids)
+
+
+def temporal_permutation(n_patches: int, mode: str, generator: torch.Generator, segments: int = 4) -> torch.Tensor:
+    """The perturbed order of a video's temporal patches: a random shuffle (never the identity
+    when avoidable), the reverse order, or a shuffle of `segments` contiguous segments."""
+    if mode not in TEMPORAL_MODES:
+        raise ValueError(f"temporal perturbation {mode!r} is not one of {TEMPORAL_MODES}")
+    identity = torch.arange(n_patches)
+    if mode == "reverse" or n_patches < 2:
+        return identity.flip(0)
+    if mode == "shuffle":
+        for _ in range(10):
+            perm = torch.randperm(n_patches, generator=generator)
+            if not torch.equal(perm, identity):
+                return perm
+        return identity.flip(0)
+    bounds = torch.linspace(0, n_patches, min(segments, n_patches) + 1).round().long().tolist()
+    pieces = [identity[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    order = temporal_permutation(len(pieces), "shuffle", generator)
+    return torch.cat([pieces[i] for i in order.tolist()])
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-probs of the completion tokens.
+# ------------------------------------------------------------------------------------------------
+
+def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def policy_logps(model, rollout: Rollout, features: VisualFeatures, chunk_size: int = 64,
+                 with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Completion-token log-probs (differentiable) and entropies under the real input, one
+    forward over all N rows with the shared visual features."""
+    embeds = embed_inputs(model, rollout.input_ids, features, rollout.group_size)
+    hidden = model.model.language_model(inputs_embeds=embeds, position_ids=rollout.position_ids,
+                                        attention_mask=rollout.attention_mask).last_hidden_state
+    p = rollout.prompt_length
+    weight, bias = _lm_head(model)
+    return token_logps_and_entropy(hidden[:, p - 1: -1], weight, rollout.completion_ids, chunk_size,
+                                   lm_head_bias=bias, with_entropy=with_entropy)
+
+
+@torch.no_grad()
+def _prefix_shared_logps(model, prefix_embeds: torch.Tensor, prefix_positions: torch.Tensor,
+                         completion_ids: torch.Tensor, completion_positions: torch.Tensor,
+                         chunk_size: int) -> torch.Tensor:
+    """Log-probs of G completions after one shared prefix: the prefix runs once, its KV cache is
+    repeated G times, then the completions run together."""
+    lm = model.model.language_model
+    g = completion_ids.shape[0]
+    prefix = lm(inputs_embeds=prefix_embeds, position_ids=prefix_positions, use_cache=True)
+    cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
+    cache.batch_repeat_interleave(g)
+    mask = torch.ones(g, prefix_embeds.shape[1] + completion_ids.shape[1], dtype=torch.long,
+                      device=completion_ids.device)
+    rest = lm(inputs_embeds=model.get_input_embeddings()(completion_ids), position_ids=completion_positions,
+              attention_mask=mask, cache=cache, use_cache=True)
+    hidden = torch.cat([prefix.last_hidden_state[:, -1:].expand(g, -1, -1), rest.last_hidden_state[:, :-1]], dim=1)
+    weight, bias = _lm_head(model)
+    logps, _ = token_logps_and_entropy(hidden, weight, completion_ids, chunk_size, lm_head_bias=bias,
+                                       with_entropy=False)
+    return logps
+
+
+@torch.no_grad()
+def counterfactual_logps(model, rollout: Rollout, features: VisualFeatures | None, drop_visual: bool,
+                         chunk_size: int = 64) -> torch.Tensor:
+    """Completion log-probs (N, Lc) under a counterfactual input, one prompt at a time with a
+    shared prefix: `drop_visual` removes the visual tokens (positions of the rest preserved);
+    otherwise `features` (e.g. temporally permuted) fill the visual placeholders."""
+    ids = visual_tokens(model.config)
+    placeholders = torch.tensor([ids.video, ids.image], device=rollout.input_ids.device)
+    p, g = rollout.prompt_length, rollout.group_size
+    out = []
+    for b in range(rollout.input_ids.shape[0] // g):
+        row = b * g
+        keep = rollout.attention_mask[row, :p].bool()
+        if drop_visual:
+            keep &= ~torch.isin(rollout.input_ids[row, :p], placeholders)
+        prefix_ids = rollout.input_ids[row: row + 1, :p][:, keep]
+        if drop_visual:
+            prefix_embeds = model.get_input_embeddings()(prefix_ids)
+        else:
+            one = _features_of_prompt(features, rollout, b)
+            prefix_embeds = embed_inputs(model, prefix_ids, one, rows_per_prompt=1)
+        rows = slice(row, row + g)
+        out.append(_prefix_shared_logps(
+            model, prefix_embeds, rollout.position_ids[:, row: row + 1, :p][:, :, keep],
+            rollout.completion_ids[rows], rollout.position_ids[:, rows, p:], chunk_size))
+    return torch.cat(out, dim=0)
+
+
+def _features_of_prompt(features: VisualFeatures, rollout: Rollout, b: int) -> VisualFeatures:
+    """The visual features of prompt b alone (each prompt carries one video or one image)."""
+    k = rollout.kinds[:b].count(rollout.kinds[b])  # how many prompts of the same kind come before
+    if rollout.kinds[b] == "video":
+        return VisualFeatures([features.video[k]], [], features.video_grids[k: k + 1])
+    return VisualFeatures([], [features.image[k]], None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The straightforward computation (what the reference implementation does), for tests and bench.
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def naive_logps(model, rollout: Rollout, condition: str, permutations: list[torch.Tensor | None] | None = None
+                ) -> torch.Tensor:
+    """Full forward over all N rows with pixels re-encoded and full float32 logits.
+
+    condition: "real"; "masked" (visual tokens masked from attention, positions from the full
+    mask); "shuffled" (pixel rows of whole temporal patches permuted, then re-encoded).
+    """
+    visual = {k: v.repeat_interleave(rollout.group_size, dim=0) if k.endswith(("thw", "grid_ts")) else v
+              for k, v in rollout.visual_inputs.items()}
+    for key in ("pixel_values_videos", "pixel_values"):
+        if key in visual:  # N rows need the B prompts' pixels G times each
+            visual[key] = _repeat_pixels(rollout.visual_inputs, key, rollout.group_size)
+    attention_mask = rollout.attention_mask
+    if condition == "masked":
+        ids = visual_tokens(model.config)
+        attention_mask = attention_mask * ~torch.isin(rollout.input_ids, torch.tensor([ids.video, ids.image]))
+    elif condition == "shuffled":
+        repeated = [perm for perm in permutations for _ in range(rollout.group_size)]
+        visual["pixel_values_videos"] = _permute_pixel_rows(visual["pixel_values_videos"],
+                                                            visual["video_grid_thw"], repeated)
+    elif condition != "real":
+        raise ValueError(f"unknown condition {condition!r}")
+    logits = model(input_ids=rollout.input_ids, attention_mask=attention_mask, position_ids=rollout.position_ids,
+                   **visual).logits.float()
+    model.model.rope_deltas = None
+    p = rollout.prompt_length
+    logps = torch.log_softmax(logits[:, p - 1: -1], dim=-1)
+    return logps.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _repeat_pixels(visual_inputs: dict, key: str, g: int) -> torch.Tensor:
+    grid_key = "video_grid_thw" if key == "pixel_values_videos" else "image_grid_thw"
+    sizes = visual_inputs[grid_key].prod(dim=1).tolist()
+    blocks = torch.split(visual_inputs[key], sizes)
+    return torch.cat([blk for blk in blocks for _ in range(g)], dim=0)
+
+
+def _permute_pixel_rows(pixels: torch.Tensor, grids: torch.Tensor, permutations: list) -> torch.Tensor:
+    """Permute whole temporal patches in the processor's flat pixel layout: each video is
+    t blocks of h*w rows, one block per temporal patch."""
+    out = []
+    for block, grid, perm in zip(torch.split(pixels, grids.prod(dim=1).tolist()), grids.tolist(), permutations,
+                                 strict=True):
+        t = grid[0]
+        out.append(block if perm is None else block.view(t, -1, block.shape[-1])[perm].reshape_as(block))
+    return torch.cat(out, dim=0)
