@@ -47,6 +47,17 @@ class Rollout:
     def completion_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length:]
 
+    def repeated_visual_inputs(self) -> dict:
+        """The B prompts' visual inputs repeated for all N rows, as a plain forward over N rows
+        needs them (pixels included: this is what re-encodes the video G times)."""
+        out = {k: v.repeat_interleave(self.group_size, dim=0) if k.endswith(("thw", "grid_ts")) else v
+               for k, v in self.visual_inputs.items()}
+        for key, grid_key in (("pixel_values_videos", "video_grid_thw"), ("pixel_values", "image_grid_thw")):
+            if key in out:
+                blocks = torch.split(self.visual_inputs[key], self.visual_inputs[grid_key].prod(dim=1).tolist())
+                out[key] = torch.cat([blk for blk in blocks for _ in range(self.group_size)], dim=0)
+        return out
+
 
 def completion_mask_from(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
     """Valid tokens: everything up to and including the first EOS (a completion cut at the length
@@ -238,11 +249,7 @@ def naive_logps(model, rollout: Rollout, condition: str, permutations: list[torc
     condition: "real"; "masked" (visual tokens masked from attention, positions from the full
     mask); "shuffled" (pixel rows of whole temporal patches permuted, then re-encoded).
     """
-    visual = {k: v.repeat_interleave(rollout.group_size, dim=0) if k.endswith(("thw", "grid_ts")) else v
-              for k, v in rollout.visual_inputs.items()}
-    for key in ("pixel_values_videos", "pixel_values"):
-        if key in visual:  # N rows need the B prompts' pixels G times each
-            visual[key] = _repeat_pixels(rollout.visual_inputs, key, rollout.group_size)
+    visual = rollout.repeated_visual_inputs()
     attention_mask = rollout.attention_mask
     if condition == "masked":
         ids = visual_tokens(model.config)
@@ -259,13 +266,6 @@ def naive_logps(model, rollout: Rollout, condition: str, permutations: list[torc
     p = rollout.prompt_length
     logps = torch.log_softmax(logits[:, p - 1: -1], dim=-1)
     return logps.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
-
-
-def _repeat_pixels(visual_inputs: dict, key: str, g: int) -> torch.Tensor:
-    grid_key = "video_grid_thw" if key == "pixel_values_videos" else "image_grid_thw"
-    sizes = visual_inputs[grid_key].prod(dim=1).tolist()
-    blocks = torch.split(visual_inputs[key], sizes)
-    return torch.cat([blk for blk in blocks for _ in range(g)], dim=0)
 
 
 def _permute_pixel_rows(pixels: torch.Tensor, grids: torch.Tensor, permutations: list) -> torch.Tensor:

@@ -189,6 +189,7 @@ class TinySpec:
     vision_depth: int = 2
     vision_heads: int = 4
     vocab_size: int = 1024  # tokenizer size to train (model vocab is padded to a multiple of 64)
+    model_vocab: int = 0  # embedding / LM-head rows; 0 = the tokenizer's size (152064 = Qwen2.5-VL's real head)
     min_pixels: int = 28 * 28
     max_pixels: int = 112 * 112
     seed: int = 0
@@ -254,7 +255,7 @@ def build_tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
 
     tokenizer = train_tokenizer(tokenizer_corpus(), spec.vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = -(-len(tokenizer) // 64) * 64
+    vocab = max(spec.model_vocab, -(-len(tokenizer) // 64) * 64)
 
     # mrope splits head_dim/2 rotary frequencies over (time, height, width), in Qwen's 1:1.5:1.5 ratio.
     half = head_dim // 2

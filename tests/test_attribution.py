@@ -1,0 +1,123 @@
+"""The cheap attribution passes give the same log-probs as the straightforward computation
+(vision re-encoded per condition, full float32 logits), and a training step with every signal
+off is plain GRPO."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from common.attribution import (
+    build_rollout,
+    counterfactual_logps,
+    naive_logps,
+    permute_temporal_patches,
+    policy_logps,
+    temporal_permutation,
+    visual_features,
+)
+from common.grpo import grpo_loss
+from common.models import load_model, load_processor, model_inputs, visual_tokens
+from common.video import read_frames
+
+G = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tiny_world_dir):
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir).eval()
+    processor = load_processor(tiny_model_dir)
+    records = json.loads((tiny_world_dir / "train.json").read_text())
+    clips = [read_frames(tiny_world_dir / r["path"], num_frames=n) for r, n in zip(records[:2], (8, 6), strict=True)]
+    image = np.asarray(read_frames(tiny_world_dir / records[2]["path"], indices=[5]).frames[0])
+    return model, processor, records, clips, image
+
+
+def make_rollout(model, processor, prompts, visuals):
+    inputs = model_inputs(processor, prompts, visuals)
+    ids = visual_tokens(model.config)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=True, max_new_tokens=12, num_return_sequences=G,
+                             bad_words_ids=[[t] for t in ids.placeholders])
+    model.model.rope_deltas = None
+    completions = out[:, inputs["input_ids"].shape[1]:]
+    return build_rollout(model, inputs, completions, G, [processor.tokenizer.eos_token_id])
+
+
+def max_diff(a, b, mask):
+    return (a - b).abs()[mask].max().item()
+
+
+def test_real_and_counterfactual_logps_equal_the_straightforward_passes(setup):
+    model, processor, records, clips, _ = setup
+    rollout = make_rollout(model, processor, ["Short question?", records[1]["problem"] + " Long one."], clips)
+    valid = rollout.completion_mask
+    with torch.no_grad():
+        features = visual_features(model, rollout.visual_inputs)
+        real, _ = policy_logps(model, rollout, features, chunk_size=5)
+        masked = counterfactual_logps(model, rollout, None, drop_visual=True, chunk_size=5)
+        gen = torch.Generator().manual_seed(0)
+        perms = [temporal_permutation(int(g[0]), "shuffle", gen) for g in features.video_grids]
+        shuffled = counterfactual_logps(model, rollout, permute_temporal_patches(features, perms), drop_visual=False,
+                                        chunk_size=5)
+    assert max_diff(real, naive_logps(model, rollout, "real"), valid) <= 1e-4
+    assert max_diff(masked, naive_logps(model, rollout, "masked"), valid) <= 1e-4
+    assert max_diff(shuffled, naive_logps(model, rollout, "shuffled", perms), valid) <= 1e-4
+    # The counterfactuals really change the input: the scores are not all zero.
+    assert max_diff(real, masked, valid) > 1e-3 and max_diff(real, shuffled, valid) > 1e-3
+
+
+def test_mixed_video_and_image_batch_matches_straightforward(setup):
+    model, processor, records, clips, image = setup
+    rollout = make_rollout(model, processor, ["A video?", "An image?"], [clips[0], image])
+    assert rollout.kinds == ["video", "image"]
+    with torch.no_grad():
+        features = visual_features(model, rollout.visual_inputs)
+        real, _ = policy_logps(model, rollout, features, chunk_size=4)
+        masked = counterfactual_logps(model, rollout, None, drop_visual=True, chunk_size=4)
+    valid = rollout.completion_mask
+    assert max_diff(real, naive_logps(model, rollout, "real"), valid) <= 1e-4
+    assert max_diff(masked, naive_logps(model, rollout, "masked"), valid) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", ["shuffle", "reverse", "segment_shuffle"])
+def test_temporal_permutations_are_permutations_that_move_something(mode):
+    gen = torch.Generator().manual_seed(1)
+    for n in (2, 3, 8):
+        perm = temporal_permutation(n, mode, gen, segments=2)
+        assert sorted(perm.tolist()) == list(range(n))
+        assert not torch.equal(perm, torch.arange(n)), (mode, n)
+    assert temporal_permutation(4, "reverse", gen).tolist() == [3, 2, 1, 0]
+
+
+def test_step_with_all_signals_off_is_plain_grpo(setup):
+    """Gradients of our loss (shared features, chunked log-probs, key_token_mask=None) equal those
+    of GRPO written the straightforward way from full logits."""
+    model, processor, records, clips, _ = setup
+    rollout = make_rollout(model, processor, ["q1", "q2"], clips)
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.3, -0.6])
+    mask = rollout.completion_mask
+
+    model.zero_grad()
+    logps, _ = policy_logps(model, rollout, visual_features(model, rollout.visual_inputs), chunk_size=4,
+                            with_entropy=False)
+    loss, _ = grpo_loss(logps, None, None, advantages, mask, None, beta=0.0)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                   position_ids=rollout.position_ids, **rollout.repeated_visual_inputs()).logits
+    model.model.rope_deltas = None
+    p = rollout.prompt_length
+    ref_logps = torch.log_softmax(logits[:, p - 1:-1].float(), -1).gather(-1, rollout.completion_ids[..., None])[..., 0]
+    ratio = torch.exp(ref_logps - ref_logps.detach())
+    per_token = -ratio * advantages[:, None]
+    plain = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    plain.backward()
+    assert torch.allclose(loss, plain, atol=1e-6)
+    for name, grad in ours.items():
+        assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
+
