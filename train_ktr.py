@@ -20,7 +20,6 @@ DIR/checkpoints/step_N (resumable) and DIR/final (loadable by eval.py).
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import math
 import time
@@ -48,7 +47,7 @@ from common.config import parse_config, require, save_config
 from common.data import build_prompt, epoch_batches, load_samples
 from common.frames import FramesConfig, load_visual, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
-from common.jsonl import append_jsonl
+from common.jsonl import append_jsonl, write_json
 from common.launch import make_accelerator
 from common.models import load_model, load_processor, model_inputs, model_path_ok, visual_tokens
 from common.report import write_attribution_html
@@ -95,7 +94,8 @@ class Config:
     top_p: float = 0.95
     max_new_tokens: int = 768
     batch_size: int = 1  # prompts per process per step
-    max_steps: int = 0  # 0 = one pass over the data
+    max_steps: int = 0  # length of the schedule; 0 = one pass over the data
+    stop_after: int = 0  # exit with a resumable checkpoint after this many steps (e.g. a job's time slot); 0 = never
     lr: float = 2e-6
     weight_decay: float = 0.01
     warmup_ratio: float = 0.0
@@ -131,6 +131,7 @@ class Config:
         for key in ("batch_size", "max_new_tokens", "num_iterations", "log_every"):
             require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         require(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
+        require(self.stop_after >= 0, "stop_after", f"must be >= 0, got {self.stop_after}")
         require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
@@ -217,8 +218,9 @@ def main() -> None:
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     ref_model = None
-    if cfg.beta > 0:  # a frozen copy of the starting policy
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device)
+    if cfg.beta > 0:  # the starting policy, frozen (loaded from cfg.model, also when resuming)
+        ref_model = load_model(cfg.model, attn_implementation=cfg.attn_implementation or None)
+        ref_model = ref_model.eval().requires_grad_(False).to(accelerator.device)
 
     steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes, 0, cfg.seed, 0))
     require(steps_per_epoch > 0, "batch_size", f"{len(samples)} samples are fewer than one global batch")
@@ -349,10 +351,15 @@ def main() -> None:
                 rows = token_rows(tokenizer, batch, rollout, completions, reward_parts, scores, signal_masks, step)
                 append_jsonl(out / "tokens.jsonl", rows)
                 html_records = (html_records + rows)[-cfg.html_samples:]
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+        stopping = cfg.stop_after and step >= cfg.stop_after and step < total_steps
+        if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stopping:
             save_checkpoint(accelerator, policy, processor, out / "checkpoints" / f"step_{step:06d}",
                             progress={"step": step}, keep=cfg.keep_checkpoints)
+        if stopping:
+            accelerator.print(f"stopped after step {step} (stop_after); rerun to resume")
+            return
     bar.close()
+    check_replicas_agree(accelerator, policy, out)
     save_checkpoint(accelerator, policy, processor, out / "final")
     if accelerator.is_main_process:
         write_attribution_html(html_records, out / "attribution.html", title=f"{out.name}: key tokens")
@@ -388,6 +395,21 @@ def temporal_scores(model, rollout: Rollout, features: VisualFeatures, logps: to
     scores = counterfactual_scores(logps, shuffled, cfg.attribution.score)
     is_image = torch.tensor([k == "image" for k in rollout.kinds], device=scores.device)
     return scores.masked_fill(is_image.repeat_interleave(rollout.group_size)[:, None], math.nan)
+
+
+def check_replicas_agree(accelerator, policy, out: Path) -> None:
+    """Data-parallel replicas must hold identical weights; record each rank's parameter checksum
+    (under ZeRO-3 every rank holds only a shard, so there is nothing to compare)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        return
+    checksum = torch.tensor([sum(p.detach().double().sum().item() for p in policy.parameters())],
+                            device=accelerator.device)
+    checksums = accelerator.gather(checksum).tolist()
+    if accelerator.is_main_process:
+        write_json(out / "replicas.json", {"param_checksums": checksums, "agree": len(set(checksums)) == 1})
+        if len(set(checksums)) != 1:
+            print(f"WARNING: replicas disagree: parameter checksums {checksums}")
 
 
 def gather_mean(accelerator, metrics: dict) -> dict:

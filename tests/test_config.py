@@ -52,6 +52,12 @@ def test_int_given_for_float_is_accepted_and_null_for_optional():
     assert cfg.frames.fps is None
 
 
+def test_exponent_without_dot_is_a_float_in_files_and_overrides(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; a researcher means a number.
+    assert load_config(StageConfig, write(tmp_path, {"lr": "2e-6"})).lr == 2e-6
+    assert load_config(StageConfig, None, ["lr=1e-3"]).lr == 1e-3
+
+
 def test_unknown_key_in_file_names_key_and_file(tmp_path):
     path = write(tmp_path, {"frames": {"nmu": 4}})
     with pytest.raises(ConfigError, match=r"unknown key 'frames\.nmu'.*cfg\.yaml"):

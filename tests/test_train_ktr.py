@@ -1,0 +1,97 @@
+"""train_ktr.py end to end on the tiny model: outputs a researcher reads, resume equals an
+uninterrupted run, multi-process replicas stay identical, bad config stops before any work."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from common.jsonl import read_jsonl
+from common.launch import cpu_launch_env, launch_command
+from tests.conftest import ROOT
+
+
+def ktr_args(model, data, out, *extra):
+    return [f"model={model}", f"data={data}", f"output_dir={out}", "frames.num=4", "num_generations=3",
+            "max_new_tokens=10", "batch_size=2", "max_steps=4", "lr=1e-3", "beta=0.04", "html_samples=4", *extra]
+
+
+def run(args, num_processes=1, config=None, port=None, expect=0):
+    script_args = (["--config", str(config)] if config else []) + list(args)
+    if num_processes == 1 and config is None:
+        cmd = [sys.executable, "train_ktr.py", *script_args]
+    else:
+        cmd = launch_command("train_ktr.py", script_args, num_processes=num_processes, main_process_port=port)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def weights(out):
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tiny_world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ktr_full")
+    run(ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out, "save_every=2"))
+    return out
+
+
+def test_metrics_tokens_and_attribution_page_are_written(full_run):
+    metrics = read_jsonl(full_run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for key in ("reward", "reward_std", "reward/accuracy", "reward/format", "accuracy", "kl", "completion_length",
+                "selected/union", "selected/visual", "selected/temporal", "selected/entropy",
+                "overlap/temporal_visual", "all_correct_groups", "all_wrong_groups", "lr", "grad_norm",
+                "time/generation", "time/attribution", "time/update"):
+        assert key in metrics[0], key
+    assert all(0 < m["selected/union"] <= 1 for m in metrics)
+    rows = read_jsonl(full_run / "tokens.jsonl")
+    assert len(rows) == 4 * 2 * 3  # steps x prompts x generations
+    assert all(len(r["selected"]["visual"]) == len(r["tokens"]) for r in rows)
+    page = (full_run / "attribution.html").read_text()
+    assert page.count('class="sample"') == 4 and "title=" in page
+    assert json.loads((full_run / "replicas.json").read_text())["agree"]
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(full_run, tiny_model_dir, tiny_world_dir, tmp_path):
+    out = tmp_path / "resumed"
+    args = ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out, "save_every=2")
+    run([*args, "stop_after=3"])
+    assert not (out / "final").exists() and (out / "checkpoints" / "step_000003" / "progress.json").exists()
+    proc = run(args)
+    assert "resumed from" in proc.stdout + proc.stderr
+    ours, reference = weights(out), weights(full_run)
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        assert (ours[name] == reference[name]).all(), name
+    assert read_jsonl(out / "metrics.jsonl")[-1] == read_jsonl(full_run / "metrics.jsonl")[-1] | {
+        k: v for k, v in read_jsonl(out / "metrics.jsonl")[-1].items() if k.startswith("time/")}
+
+
+def test_grpo_config_selects_every_token(tiny_model_dir, tiny_world_dir, tmp_path):
+    out = tmp_path / "grpo"
+    run(ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out, "max_steps=1", "attribution.visual=false",
+                 "attribution.temporal=false", "attribution.entropy=false"))
+    metrics = read_jsonl(out / "metrics.jsonl")[0]
+    assert metrics["selected/union"] == 1.0 and "selected/visual" not in metrics
+
+
+def test_two_process_ddp_keeps_replicas_identical(tiny_model_dir, tiny_world_dir, tmp_path):
+    out = tmp_path / "ddp"
+    run(ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out, "max_steps=2", "batch_size=1"),
+        num_processes=2, port=29633)
+    replicas = json.loads((out / "replicas.json").read_text())
+    assert len(replicas["param_checksums"]) == 2 and replicas["agree"]
+
+
+@pytest.mark.parametrize(("override", "key"), [("attribution.visual_ratio=-0.1", "attribution.visual_ratio"),
+                                               ("num_generations=1", "num_generations"),
+                                               ("data=/no/such.json", "data")])
+def test_bad_config_values_stop_before_any_work(tiny_model_dir, tiny_world_dir, tmp_path, override, key):
+    out = tmp_path / "bad"
+    proc = run([*ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out), override], expect=2)
+    assert f"{key}:" in proc.stderr and not out.exists()
