@@ -26,3 +26,17 @@ def tiny_world_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tinyworld")
     generate(out, n_train=8, n_test=8, seed=0, frames=32, size=112, fps=8)
     return out
+
+
+@pytest.fixture(scope="session")
+def answering_model_dir(tiny_model_dir, tiny_world_dir, tmp_path_factory) -> Path:
+    """The tiny model after a few supervised steps on answer-only targets: it writes
+    `<answer>X</answer>`, right about a quarter of the time, so GRPO groups have reward variance
+    and a training step really changes the weights (an untrained model scores 0 everywhere)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("answering_model")
+    subprocess.run([sys.executable, "train_sft.py", f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}",
+                    f"output_dir={out}", "frames.num=4", "batch_size=8", "max_steps=30", "lr=3e-3",
+                    "with_reasoning=false"], cwd=ROOT, check=True, capture_output=True)
+    return out / "final"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from common.jsonl import read_jsonl
@@ -34,9 +35,9 @@ def weights(out):
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_model_dir, tiny_world_dir, tmp_path_factory):
+def full_run(answering_model_dir, tiny_world_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ktr_full")
-    run(ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out, "save_every=2"))
+    run(ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "save_every=2"))
     return out
 
 
@@ -57,9 +58,9 @@ def test_metrics_tokens_and_attribution_page_are_written(full_run):
     assert json.loads((full_run / "replicas.json").read_text())["agree"]
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(full_run, tiny_model_dir, tiny_world_dir, tmp_path):
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(full_run, answering_model_dir, tiny_world_dir, tmp_path):
     out = tmp_path / "resumed"
-    args = ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out, "save_every=2")
+    args = ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "save_every=2")
     run([*args, "stop_after=3"])
     assert not (out / "final").exists() and (out / "checkpoints" / "step_000003" / "progress.json").exists()
     proc = run(args)
@@ -72,26 +73,47 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(full_run, tiny_m
         k: v for k, v in read_jsonl(out / "metrics.jsonl")[-1].items() if k.startswith("time/")}
 
 
-def test_grpo_config_selects_every_token(tiny_model_dir, tiny_world_dir, tmp_path):
+def test_grpo_config_selects_every_token(answering_model_dir, tiny_world_dir, tmp_path):
     out = tmp_path / "grpo"
-    run(ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out, "max_steps=1", "attribution.visual=false",
+    run(ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "max_steps=1", "attribution.visual=false",
                  "attribution.temporal=false", "attribution.entropy=false"))
     metrics = read_jsonl(out / "metrics.jsonl")[0]
     assert metrics["selected/union"] == 1.0 and "selected/visual" not in metrics
 
 
-def test_two_process_ddp_keeps_replicas_identical(tiny_model_dir, tiny_world_dir, tmp_path):
-    out = tmp_path / "ddp"
-    run(ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out, "max_steps=2", "batch_size=1"),
-        num_processes=2, port=29633)
-    replicas = json.loads((out / "replicas.json").read_text())
-    assert len(replicas["param_checksums"]) == 2 and replicas["agree"]
+def cpu_accelerate_config(tmp_path, name: str) -> str:
+    """One of the shipped configs/accelerate files, switched to 2 CPU processes in float32."""
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / name).read_text())
+    config.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(("accelerate_config", "port"), [(None, 29633), ("zero2.yaml", 29634), ("zero3.yaml", 29635)])
+def test_two_processes_train_and_keep_replicas_identical(answering_model_dir, tiny_world_dir, tmp_path,
+                                                         accelerate_config, port):
+    out = tmp_path / "dist"
+    args = ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "max_steps=3", "batch_size=1")
+    if accelerate_config is None:
+        run(args, num_processes=2, port=port)
+    else:
+        cmd = launch_command("train_ktr.py", args, num_processes=2, main_process_port=port,
+                             accelerate_config=cpu_accelerate_config(tmp_path, accelerate_config))
+        proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert any(m["grad_norm"] > 0 for m in metrics), "no step had a gradient: the test would prove nothing"
+    assert (out / "final" / "model.safetensors").exists()
+    if accelerate_config != "zero3.yaml":  # under ZeRO-3 each rank holds a shard: nothing to compare
+        replicas = json.loads((out / "replicas.json").read_text())
+        assert len(replicas["param_checksums"]) == 2 and replicas["agree"]
 
 
 @pytest.mark.parametrize(("override", "key"), [("attribution.visual_ratio=-0.1", "attribution.visual_ratio"),
                                                ("num_generations=1", "num_generations"),
                                                ("data=/no/such.json", "data")])
-def test_bad_config_values_stop_before_any_work(tiny_model_dir, tiny_world_dir, tmp_path, override, key):
+def test_bad_config_values_stop_before_any_work(answering_model_dir, tiny_world_dir, tmp_path, override, key):
     out = tmp_path / "bad"
-    proc = run([*ktr_args(tiny_model_dir, tiny_world_dir / "train.json", out), override], expect=2)
+    proc = run([*ktr_args(answering_model_dir, tiny_world_dir / "train.json", out), override], expect=2)
     assert f"{key}:" in proc.stderr and not out.exists()
