@@ -58,7 +58,8 @@ def test_metrics_tokens_and_attribution_page_are_written(full_run):
     assert json.loads((full_run / "replicas.json").read_text())["agree"]
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(full_run, answering_model_dir, tiny_world_dir, tmp_path):
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(full_run, answering_model_dir, tiny_world_dir,
+                                                                 tmp_path):
     out = tmp_path / "resumed"
     args = ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "save_every=2")
     run([*args, "stop_after=3"])
