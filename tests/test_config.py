@@ -120,3 +120,30 @@ def test_every_stage_rejects_an_unknown_key_before_any_work(stage):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "unknown key 'no_such_key'" in proc.stderr
+
+
+STAGE_OF = {"sft": "train_sft", "ktr": "train_ktr", "grpo": "train_ktr", "eval": "eval", "label": "label_frames",
+            "voyager": "train_voyager"}
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")
+                                        if "accelerate" not in p.parts), ids=str)
+def test_every_shipped_config_loads_into_its_stage(path):
+    import importlib
+
+    stage = next(v for k, v in STAGE_OF.items() if path.stem.startswith(k))
+    module = importlib.import_module(stage)
+    load_config(module.Config, ROOT / path, validate=False)
+
+
+def test_grpo_configs_are_the_ktr_configs_with_every_signal_off():
+    import train_ktr
+
+    for folder in ("configs", "configs/tiny"):
+        ktr = load_config(train_ktr.Config, ROOT / folder / "ktr.yaml", validate=False)
+        grpo = load_config(train_ktr.Config, ROOT / folder / "grpo.yaml", validate=False)
+        assert grpo.signal_ratios == {} and ktr.signal_ratios
+        for name in ("visual", "temporal", "entropy"):
+            setattr(grpo.attribution, name, getattr(ktr.attribution, name))
+        grpo.output_dir = ktr.output_dir
+        assert grpo == ktr
