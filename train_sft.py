@@ -40,7 +40,8 @@ class Config:
     frames: FramesConfig = field(default_factory=FramesConfig)
     with_reasoning: bool = True  # target = <think>process</think><answer>X</answer>; false = answer only
     epochs: int = 1
-    max_steps: int = 0  # optimizer steps; 0 = run the epochs
+    max_steps: int = 0  # optimizer steps (the schedule's length); 0 = run the epochs
+    stop_after: int = 0  # exit with a resumable checkpoint after this many steps; 0 = never
     batch_size: int = 8  # per process, per micro-step
     grad_accum: int = 1
     lr: float = 1e-5
@@ -167,9 +168,13 @@ def main() -> None:
                     append_jsonl(out / "metrics.jsonl", [metrics])
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 window, t_window = [], time.time()
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            stopping = cfg.stop_after and cfg.stop_after <= step < total_steps
+            if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stopping:
                 save_checkpoint(accelerator, model, processor, out / "checkpoints" / f"step_{step:06d}",
                                 progress={"step": step, "micro": micro}, keep=cfg.keep_checkpoints)
+            if stopping:
+                accelerator.print(f"stopped after step {step} (stop_after); rerun to resume")
+                return
             if step >= total_steps:
                 break
     bar.close()

@@ -1,0 +1,55 @@
+"""train_sft.py: loss only on the assistant answer, checkpoints eval.py can load, exact resume."""
+
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from common.data import build_prompt, build_target, load_samples
+from common.frames import FramesConfig, make_selector
+from common.jsonl import read_jsonl
+from common.models import load_model, load_processor, model_inputs
+from tests.conftest import ROOT
+from train_sft import supervised_labels
+
+
+def test_only_the_answer_and_eos_are_supervised(tiny_model_dir, tiny_world_dir):
+    processor = load_processor(tiny_model_dir)
+    samples = load_samples(tiny_world_dir / "train.json")[:3]
+    select = make_selector(FramesConfig(num=4))
+    targets = [build_target(s) for s in samples]
+    inputs = model_inputs(processor, [build_prompt(s) for s in samples], [select(s) for s in samples], targets)
+    tok = processor.tokenizer
+    lengths = [len(tok(t + tok.eos_token, add_special_tokens=False)["input_ids"]) for t in targets]
+    labels = supervised_labels(inputs["input_ids"], lengths)
+    for row, target in enumerate(targets):
+        supervised = labels[row][labels[row] != -100]
+        assert tok.decode(supervised) == target + tok.eos_token
+    assert (labels != -100).sum() == sum(lengths)
+
+
+def sft(args):
+    proc = subprocess.run([sys.executable, "train_sft.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_resumed_run_ends_with_the_same_weights_and_checkpoints_load(tiny_model_dir, tiny_world_dir, tmp_path):
+    base = [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}", "frames.num=4", "batch_size=2",
+            "grad_accum=2", "max_steps=4", "save_every=2", "lr=1e-3", "log_every=1"]
+    sft([*base, f"output_dir={tmp_path / 'full'}"])
+    sft([*base, f"output_dir={tmp_path / 'resumed'}", "stop_after=3"])
+    assert not (tmp_path / "resumed" / "final").exists()
+    proc = sft([*base, f"output_dir={tmp_path / 'resumed'}"])
+    assert "resumed from" in proc.stdout + proc.stderr
+    full = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    for name, tensor in full.items():
+        assert torch.equal(tensor, resumed[name]), name
+    before = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(before[n], t) for n, t in full.items()), "training changed nothing"
+    metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["loss"] > 0 for m in metrics)
+    load_model(tmp_path / "full" / "checkpoints" / "step_000002")  # periodic checkpoints load like a model
