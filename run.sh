@@ -3,6 +3,7 @@
 #
 #   bash run.sh          the whole pipeline on the tiny default (CPU, minutes)
 #   bash run.sh test     lint + the test suite
+#   bash run.sh paper [--dry-run]   the paper-scale recipe on GPUs (paths: configs/paper/paths.env)
 #
 # Set-up is automatic: .venv is created and the pinned requirements installed when missing.
 #
@@ -61,7 +62,30 @@ case "${1:-tiny}" in
       frames.strategy=voyager frames.voyager=$OUT/voyager frames.candidates=32
     python -m common.results --out $OUT
     ;;
+  paper)  # Qwen2.5-VL-7B: CoT SFT -> GRPO / KTR (ZeRO-3, 8 GPUs) -> label -> Voyager -> benchmarks
+    source configs/paper/paths.env
+    missing=0
+    for var in BASE_MODEL SFT_DATA RL_DATA LABEL_DATA BENCH_DIR; do
+      [ -e "${!var}" ] || { echo "missing: $var=${!var} (set it in the environment or configs/paper/paths.env)" >&2; missing=1; }
+    done
+    for b in $BENCHMARKS; do
+      [ -e "$BENCH_DIR/$b.json" ] || { echo "missing: benchmark file $BENCH_DIR/$b.json" >&2; missing=1; }
+    done
+    [ "${2:-}" = "--dry-run" ] && RUN=echo || RUN=
+    [ $missing = 0 ] || [ -n "$RUN" ] || exit 1
+    OUT=outputs/paper
+    LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
+    $RUN stage sft   $OUT/sft/final/config.json  $LAUNCH train_sft.py --config configs/sft.yaml model=$BASE_MODEL data=$SFT_DATA
+    $RUN stage grpo  $OUT/grpo/final/config.json $LAUNCH train_ktr.py --config configs/grpo.yaml data=$RL_DATA
+    $RUN stage ktr   $OUT/ktr/final/config.json  $LAUNCH train_ktr.py --config configs/ktr.yaml data=$RL_DATA
+    $RUN stage label $OUT/label/summary.json     $LAUNCH label_frames.py --config configs/label.yaml model=$OUT/sft/final data=$LABEL_DATA
+    $RUN stage voyager $OUT/voyager/voyager.json python train_voyager.py --config configs/voyager.yaml model=$OUT/sft/final
+    for run in sft grpo ktr; do for b in $BENCHMARKS; do for n in 16 32 64; do
+      $RUN stage eval_${run}_${b}_$n $OUT/eval/${run}_${b}_$n/summary.json $LAUNCH eval.py --config configs/eval.yaml \
+        model=$OUT/$run/final data=$BENCH_DIR/$b.json output_dir=$OUT/eval/${run}_${b}_$n frames.num=$n
+    done; done; done
+    ;;
   *)
-    echo "usage: bash run.sh [tiny|test]" >&2; exit 2
+    echo "usage: bash run.sh [tiny|test|paper [--dry-run]]" >&2; exit 2
     ;;
 esac
