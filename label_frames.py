@@ -29,9 +29,10 @@ combination; the losses agree within 1e-4):
   ([f, f]): it would make features per frame (M patches instead of up to C(M, 2)) but double the
   visual tokens in every LLM forward, which is where the time goes for real models, and label
   frames in a layout the answering model never sees;
-- every combination of a sample has the same token sequence (same T, same frame size, same fps
-  metadata), so the text is tokenised and the 3-D RoPE positions computed once; the batch differs
-  only in the visual features scattered at the video placeholders;
+- every combination of a sample has the same token sequence and the same 3-D RoPE positions (same T,
+  same frame size; the processor spaces temporal positions by the number of sampled frames, not by
+  which ones), so both are computed once; the batch differs only in the visual features scattered
+  at the video placeholders;
 - combinations run in batches of `batch_size`, and the LM head runs on the answer positions only.
 """
 
@@ -57,7 +58,8 @@ from common.data import Sample, build_prompt, build_target, load_samples
 from common.jsonl import append_jsonl, read_jsonl, write_json
 from common.launch import make_accelerator
 from common.models import chat_text, load_model, load_processor, model_inputs, model_path_ok
-from common.video import Clip, VideoError, read_frames
+from common.video import Clip, VideoError, probe, read_frames
+from common.voyager import subclip
 
 
 @dataclass
@@ -171,13 +173,6 @@ def target_length(processor, prompt: str, target: str) -> int:
     return len(with_target) - len(without)
 
 
-def subclip(clip: Clip, positions: Sequence[int]) -> Clip:
-    """The frames at `positions` of `clip`, with their frame numbers in the source video."""
-    positions = list(positions)
-    return Clip(frames=clip.frames[positions], indices=[clip.indices[p] for p in positions],
-                timestamps=[clip.timestamps[p] for p in positions], fps=clip.fps, total_frames=clip.total_frames)
-
-
 @torch.no_grad()
 def straightforward_losses(model, processor, clip: Clip, prompt: str, target: str,
                            combos: Sequence[tuple[int, ...]]) -> list[float]:
@@ -247,7 +242,7 @@ class CombinationLabeler:
         if not todo:
             return
         h, w = self.grid_hw
-        rows = torch.stack([self.frame_patches[list(p)] for p in todo])  # (P, tp, h*w, C, ps2)
+        rows = self.frame_patches[torch.tensor(todo)]  # (P, tp, h*w, C, ps2) -> the processor's row layout
         rows = rows.permute(0, 2, 3, 1, 4).reshape(len(todo) * h * w, -1).to(self.model.device)
         grid = torch.tensor([[1, h, w]] * len(todo), device=self.model.device)
         features = self.model.get_video_features(rows, grid).pooler_output
@@ -275,8 +270,11 @@ class CombinationLabeler:
 
 def label_sample(model, processor, sample: Sample, cfg: Config) -> dict:
     """Candidates, combinations and their losses for one sample (raises VideoError for broken videos)."""
-    clip = read_frames(sample.path, num_frames=cfg.candidates)
-    m, t = cfg.candidates, cfg.num_frames
+    total, _ = probe(sample.path)
+    if total < cfg.num_frames:
+        raise VideoError(f"{sample.path}: {total} frames, fewer than num_frames={cfg.num_frames}")
+    clip = read_frames(sample.path, num_frames=min(cfg.candidates, total))  # distinct frames only
+    m, t = len(clip.indices), cfg.num_frames
     prompt, target = build_prompt(sample), target_text(sample, cfg.target)
     labeler = CombinationLabeler(model, processor, clip, prompt, target, t)
     if math.comb(m, t) <= cfg.max_combinations:

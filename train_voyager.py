@@ -1,26 +1,248 @@
-"""Frame-Voyager scorer training on labeled frame combinations.
+"""Train a Frame-Voyager scorer on combinations ranked by label_frames.py.
 
-Not implemented yet: this stage is planned in issue #5. It already takes its config the way
-every stage does (`--config FILE key=value ...`), so run.sh and the tests can call it.
+    python train_voyager.py --config configs/voyager.yaml labels=FILE model=PATH output_dir=DIR
+    accelerate launch train_voyager.py --config configs/voyager.yaml ...   # features + gradients sharded
+
+1. Features: the frozen backbone (vision tower + bottom `layers` language layers of `model`) reads each
+   labeled sample's M candidate frames and its question once; the features stay in memory, so epochs
+   cost only the small heads (common/voyager.py).
+2. Training: per sample, `combos_per_sample` of its labeled combinations; a combination's score is the
+   mean reward of its frames; pairwise ranking loss -log sigmoid(s_better - s_worse) over pairs whose
+   label losses differ by more than `margin`.
+3. Validation (a held-out share of the labeled samples): pairwise ranking accuracy, Spearman correlation
+   between scores and -loss, and where the data has evidence frames, how often the top-T frames hit
+   them (next to uniform T frames and the label model's own best combination).
+
+Writes DIR/voyager.safetensors (heads only), DIR/voyager.json (spec incl. backbone path, layers and
+fingerprint), DIR/metrics.jsonl, DIR/summary.json, DIR/config.yaml.
 """
 
-import sys
-from dataclasses import dataclass
+from __future__ import annotations
 
-from common.config import parse_config
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate.utils import gather_object
+from tqdm import tqdm
+
+from common.config import parse_config, require, save_config
+from common.jsonl import append_jsonl, read_jsonl, write_json
+from common.launch import make_accelerator
+from common.models import load_model, load_processor, model_path_ok
+from common.video import VideoError, read_frames, uniform_indices
+from common.voyager import (
+    VoyagerHeads,
+    VoyagerSpec,
+    backbone_features,
+    backbone_fingerprint,
+    combination_scores,
+    ranking_loss,
+    save_voyager,
+    select_top,
+    voyager_query,
+)
 
 
 @dataclass
 class Config:
-    model: str = "outputs/tiny/sft"
-    data: str = "outputs/tiny/data/train.json"
-    output_dir: str = "outputs/tiny/train_voyager"
+    labels: str = "outputs/tiny/labels/labels.jsonl"
+    model: str = ""  # backbone; empty = the label model named in the labels
+    output_dir: str = "outputs/tiny/voyager"
+    layers: int = 1  # N: bottom language layers on top of the vision tower (0 = vision tower only)
+    dim: int = 128  # head projection size
+    token_pool: Literal["mean", "max"] = "mean"  # a frame's reward: mean or best similarity of its tokens
+    combos_per_sample: int = 64  # labeled combinations drawn per sample per step; 0 = all
+    margin: float = 0.0  # only pairs whose label losses differ by more than this
+    epochs: int = 20
+    batch_size: int = 32  # samples per step (per process)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    val_fraction: float = 0.1
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # backbone dtype
+    log_every: int = 20
     seed: int = 0
+
+    def validate(self) -> None:
+        require(Path(self.labels).is_file(), "labels", f"no such file: {self.labels}")
+        require(not self.model or model_path_ok(self.model), "model", f"no such path: {self.model}")
+        require(self.layers >= 0, "layers", f"must be >= 0, got {self.layers}")
+        for key in ("dim", "epochs", "batch_size", "log_every"):
+            require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        require(self.combos_per_sample >= 0, "combos_per_sample", "must be >= 0")
+        require(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class Item:
+    """One labeled sample with its cached backbone features."""
+
+    frames: torch.Tensor  # M x P x H
+    query: torch.Tensor  # Lq x H
+    combinations: torch.Tensor  # K x T positions into the candidates
+    losses: torch.Tensor  # K label losses (lower = better)
+    candidate_indices: list[int]
+    total_frames: int
+    evidence: set[int] | None
+
+
+def extract(model, processor, rows: list[dict], layers: int, desc: str, show: bool) -> tuple[list[Item], list[str]]:
+    items, skipped = [], []
+    for row in tqdm(rows, desc=desc, unit="sample", disable=not show):
+        try:
+            clip = read_frames(row["path"], indices=row["candidate_indices"])
+        except VideoError as e:
+            skipped.append(f"{row['problem_id']}: {e}")
+            continue
+        frames, query = backbone_features(model, processor, clip, voyager_query(row["problem"], row["options"]), layers)
+        evidence = row.get("evidence_frames")
+        items.append(Item(frames.cpu(), query.cpu(), torch.tensor(row["combinations"]), torch.tensor(row["losses"]),
+                          row["candidate_indices"], row["total_frames"], None if evidence is None else set(evidence)))
+    return items, skipped
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Rank correlation (ties broken by position, fine for continuous scores)."""
+    rx, ry = x.argsort().argsort().double(), y.argsort().argsort().double()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = (rx.norm() * ry.norm()).item()
+    return (rx @ ry).item() / denom if denom > 0 else 0.0
+
+
+@torch.no_grad()
+def validate(heads, items: list[Item], margin: float, num_frames: int, device) -> dict[str, float]:
+    """Sums over `items` (so shards can be added up): ranking accuracy, Spearman, evidence hits."""
+    sums = dict.fromkeys(["pairs", "correct", "spearman", "samples", "with_evidence", "hit_voyager",
+                          "hit_uniform", "hit_label_best"], 0.0)
+    for it in items:
+        rewards = heads(it.frames.to(device), it.query.to(device)).cpu()
+        scores = combination_scores(rewards, it.combinations)
+        better = (it.losses[:, None] + margin) < it.losses[None, :]
+        diff = scores[:, None] - scores[None, :]
+        sums["pairs"] += better.sum().item()
+        sums["correct"] += ((diff > 0).float() + 0.5 * (diff == 0).float())[better].sum().item()
+        sums["spearman"] += spearman(scores, -it.losses)
+        sums["samples"] += 1
+        if it.evidence is not None:
+            top = [it.candidate_indices[p] for p in select_top(rewards, num_frames)]
+            best = [it.candidate_indices[p] for p in it.combinations[it.losses.argmin()].tolist()]
+            sums["with_evidence"] += 1
+            sums["hit_voyager"] += bool(set(top) & it.evidence)
+            sums["hit_uniform"] += bool(set(uniform_indices(it.total_frames, num_frames)) & it.evidence)
+            sums["hit_label_best"] += bool(set(best) & it.evidence)
+    return sums
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    if not sums["samples"]:
+        return {}
+    out = {"pair_accuracy": sums["correct"] / max(1, sums["pairs"]),
+           "spearman": sums["spearman"] / max(1, sums["samples"])}
+    if sums["with_evidence"]:
+        for key in ("voyager", "uniform", "label_best"):
+            out[f"evidence_recall_{key}"] = sums[f"hit_{key}"] / sums["with_evidence"]
+    return out
 
 
 def main() -> None:
-    parse_config(Config)
-    sys.exit("train_voyager.py: not implemented yet (issue #5)")
+    cfg = parse_config(Config)
+    accelerator = make_accelerator()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    rows = [r for r in read_jsonl(cfg.labels) if len(r["losses"]) >= 2]
+    if not rows:
+        raise SystemExit(f"{cfg.labels}: no labeled samples with at least 2 combinations")
+    backbone = cfg.model or rows[0]["label_model"]
+    num_frames = len(rows[0]["combinations"][0])
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = round(len(rows) * cfg.val_fraction)
+    val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
+
+    if len(train_rows) < world:
+        raise SystemExit(f"{len(train_rows)} training samples for {world} processes")
+
+    # Features, each process for its round-robin shard.
+    model = load_model(backbone, cfg.dtype, device=accelerator.device).eval()
+    processor = load_processor(backbone)
+    show = accelerator.is_local_main_process
+    start = time.time()
+    train, skipped = extract(model, processor, train_rows[rank::world], cfg.layers, "features (train)", show)
+    val, skipped_val = extract(model, processor, val_rows[rank::world], cfg.layers, "features (val)", show)
+    feature_seconds = time.time() - start
+    skipped = [s for part in gather_object([skipped + skipped_val]) for s in part]
+    fingerprint = backbone_fingerprint(model)
+    spec = VoyagerSpec(backbone=backbone, layers=cfg.layers, hidden_size=fingerprint["hidden_size"], dim=cfg.dim,
+                       token_pool=cfg.token_pool, fingerprint=fingerprint,
+                       candidates=len(rows[0]["candidate_indices"]), num_frames=num_frames)
+    del model
+
+    heads = VoyagerHeads(spec.hidden_size, cfg.dim, cfg.token_pool)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    heads, optimizer = accelerator.prepare(heads, optimizer)
+    # Every process takes the same number of steps (DDP all-reduces each one); a shorter shard wraps around.
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    rng = random.Random(cfg.seed * 1000 + rank)
+
+    def epoch_metrics(epoch: int, train_loss: float | None) -> dict:
+        sums = validate(accelerator.unwrap_model(heads).eval(), val, cfg.margin, num_frames, accelerator.device)
+        totals = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "sum")
+        row = {"epoch": epoch, "train_loss": train_loss, **summarize(dict(zip(sums, totals.tolist(), strict=True)))}
+        if accelerator.is_main_process:
+            append_jsonl(out / "metrics.jsonl", [row])
+        return row
+
+    bar = tqdm(total=total_steps, desc="train voyager", unit="step", disable=not show)
+    step, row = 0, epoch_metrics(0, None)  # the untrained heads, for reference
+    for epoch in range(1, cfg.epochs + 1):
+        heads.train()
+        shard = train[:]
+        rng.shuffle(shard)
+        shard = shard * math.ceil(steps_per_epoch * cfg.batch_size / max(1, len(shard)))
+        losses = []
+        for i in range(steps_per_epoch):
+            batch = shard[i * cfg.batch_size: (i + 1) * cfg.batch_size]
+            loss = 0.0
+            for it in batch:
+                rewards = heads(it.frames.to(accelerator.device), it.query.to(accelerator.device)).cpu()
+                k = len(it.losses)
+                pick = torch.tensor(rng.sample(range(k), min(k, cfg.combos_per_sample or k)))
+                scores = combination_scores(rewards, it.combinations[pick])
+                loss = loss + ranking_loss(scores, it.losses[pick], cfg.margin) / len(batch)
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f}")
+        row = epoch_metrics(epoch, sum(losses) / len(losses))
+        if show:
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    bar.close()
+
+    if accelerator.is_main_process:
+        save_voyager(out, accelerator.unwrap_model(heads), spec)
+        write_json(out / "summary.json", {"labels": cfg.labels, "backbone": backbone, "train_samples": len(train_rows),
+                                          "val_samples": len(val_rows), "skipped": skipped,
+                                          "feature_seconds": round(feature_seconds, 2), "final": row,
+                                          "spec": asdict(spec), "time": time.strftime("%F %T")})
+        print(f"voyager -> {out}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

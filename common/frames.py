@@ -56,7 +56,16 @@ def make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
         return lambda sample: read_frames(sample.path, fps=cfg.fps, max_frames=cfg.max_frames)
     if cfg.strategy == "all":
         return lambda sample: read_frames(sample.path, max_frames=cfg.max_frames)
-    raise NotImplementedError(f"frames.strategy={cfg.strategy!r} is not available yet (issue #5)")
+    if cfg.strategy == "voyager":  # the scorer (and its backbone, if not the answering model) loads once, here
+        from common.voyager import VoyagerSelector
+
+        return VoyagerSelector(cfg.voyager, cfg.candidates, cfg.num, model=model, processor=processor)
+    if cfg.strategy == "retrieval":
+        from common.voyager import RetrievalSelector
+
+        return RetrievalSelector(cfg.candidates, cfg.num, model=model, processor=processor,
+                                 retrieval_model=cfg.retrieval_model)
+    raise ValueError(f"unknown frames.strategy={cfg.strategy!r}")
 
 
 def read_image(path) -> np.ndarray:

@@ -1,0 +1,323 @@
+"""Frame-Voyager: a light, query-conditioned frame scorer on a frozen Video-LLM backbone.
+
+The backbone is a Video-LLM's vision tower plus its bottom N language layers, run once over
+[all M candidate frames + the query text]. Each candidate goes in as its own temporal patch (the
+frame twice, [f, f]): Qwen2.5-VL otherwise fuses two consecutive frames into one patch and the
+features of a patch could not be credited to either frame. The frame's visual tokens (h*w/4 of
+them) and the query tokens (the text after the video) are read at layer N; two small trainable heads
+project them, a frame's reward is the mean (or best) scaled dot product of its tokens with the mean
+projected query, and a combination's score is the mean reward of its frames. Trained with a
+pairwise ranking loss on combinations labeled by label_frames.py (train_voyager.py); used by eval.py
+through `frames.strategy=voyager`: score M candidates in one pass, keep the top T in temporal order.
+
+The scorer's own [f, f] layout only concerns the scorer; the chosen frames are handed to the
+answering model as a normal clip.
+
+Also here: `select_top`, and the retrieval baseline (`frames.strategy=retrieval`: text-frame cosine
+similarity with a CLIP/SigLIP model, or with the answering model's own embeddings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from common.models import chat_text, load_model, load_processor
+from common.video import Clip, probe, read_frames
+
+CONFIG_NAME, WEIGHTS_NAME = "voyager.json", "voyager.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pieces every strategy shares
+# ---------------------------------------------------------------------------------------------
+
+def subclip(clip: Clip, positions: Sequence[int]) -> Clip:
+    """The frames at `positions` of `clip`, keeping their frame numbers in the source video."""
+    positions = [int(p) for p in positions]
+    return Clip(frames=clip.frames[positions], indices=[clip.indices[p] for p in positions],
+                timestamps=[clip.timestamps[p] for p in positions], fps=clip.fps, total_frames=clip.total_frames)
+
+
+def select_top(frame_scores: Sequence[float] | torch.Tensor, num: int) -> list[int]:
+    """Positions of the `num` best-scored frames, in temporal (ascending) order; ties go to the earlier frame."""
+    scores = torch.as_tensor(frame_scores, dtype=torch.float64).flatten()
+    if not 0 < num <= len(scores):
+        raise ValueError(f"cannot pick {num} of {len(scores)} frames")
+    order = torch.argsort(-scores, stable=True)
+    return sorted(order[:num].tolist())
+
+
+def read_candidates(path: str | Path, candidates: int, num: int) -> Clip:
+    """M uniform candidate frames, all distinct: a video shorter than M gives all its frames. One with
+    no more than T frames gives what uniform sampling of T gives (nothing left to choose)."""
+    total, _ = probe(path)
+    if total <= num:
+        return read_frames(path, num_frames=num)
+    return read_frames(path, num_frames=min(candidates, total))
+
+
+def voyager_query(problem: str, options: Sequence[str] = ()) -> str:
+    """The text a scorer reads: the question and its options (the answer format instructions carry no
+    information about which frames matter)."""
+    return "\n".join([problem.strip(), *(o.strip() for o in options)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone features
+# ---------------------------------------------------------------------------------------------
+
+def own_patch_inputs(processor, clip: Clip, text: str):
+    """Processor inputs for `clip` with every frame as its own temporal patch (each frame repeated
+    temporal_patch_size times); fps metadata = the real frame numbers, so RoPE time stays true."""
+    tp = processor.video_processor.temporal_patch_size
+    frames = np.ascontiguousarray(np.repeat(clip.frames, tp, axis=0))
+    meta = {"fps": float(clip.fps), "total_num_frames": int(clip.total_frames),
+            "frames_indices": [int(i) for i in clip.indices for _ in range(tp)]}
+    return processor(text=[text], videos=[frames], video_metadata=[meta], do_sample_frames=False,
+                     padding=True, return_tensors="pt")
+
+
+def bottom_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, layers: int) -> torch.Tensor:
+    """Hidden states after the first `layers` decoder layers (one unpadded sequence per row), without
+    running the rest of the model."""
+    from transformers.masking_utils import create_causal_mask
+
+    lm = model.model.language_model
+    if not 0 <= layers <= len(lm.layers):
+        raise ValueError(f"layers={layers} but the backbone has {len(lm.layers)} language layers")
+    mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=None, cache=None)
+    position_embeddings = lm.rotary_emb(embeds, position_ids)
+    hidden = embeds
+    for layer in lm.layers[:layers]:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings)
+    return hidden
+
+
+@torch.no_grad()
+def backbone_features(model, processor, clip: Clip, query: str, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frame features M x P x H, query features Lq x H) at layer `layers` of the frozen backbone.
+
+    P = visual tokens per frame. Query tokens = every token after the video (the question, options and
+    the chat template's closing tokens), which see the whole video through causal attention.
+    """
+    inputs = own_patch_inputs(processor, clip, chat_text(processor, query)).to(model.device)
+    ids = inputs["input_ids"]
+    video_mask = ids[0] == model.config.video_token_id
+    embeds = model.get_input_embeddings()(ids)
+    visual = torch.cat(model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
+    embeds[0, video_mask] = visual.to(embeds.dtype)
+    position_ids, _ = model.model.get_rope_index(
+        ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
+    hidden = bottom_layers(model, embeds, position_ids, layers)[0].float()
+    video_pos = video_mask.nonzero().squeeze(1)
+    frames = hidden[video_pos].view(len(clip.indices), -1, hidden.shape[-1])
+    return frames, hidden[int(video_pos[-1]) + 2:]  # skip <|vision_end|>
+
+
+def backbone_fingerprint(model) -> dict:
+    """What must match for trained heads to make sense on a backbone: the sizes, and a hash of the input
+    embeddings (they change with any fine-tuning). The hash is taken over the weights rounded to
+    bfloat16, so a float32 and a bfloat16 load of the same checkpoint give the same fingerprint."""
+    text = model.config.get_text_config()
+    weight = model.get_input_embeddings().weight.detach().to("cpu", torch.bfloat16).contiguous()
+    digest = hashlib.sha256(weight.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+    return {"hidden_size": int(text.hidden_size), "num_hidden_layers": int(text.num_hidden_layers),
+            "vocab_size": int(weight.shape[0]), "embedding_sha256": digest}
+
+
+def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
+    """A message naming what differs, or None when `actual` is the backbone the heads were trained on."""
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if expected[key] != actual[key]:
+            return f"{key} is {actual[key]}, the heads were trained on {expected[key]}"
+    if expected["embedding_sha256"] != actual["embedding_sha256"]:
+        return "same sizes but different weights (input-embedding hash differs)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable part
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class VoyagerSpec:
+    """Everything voyager.json records: the heads' shape and the backbone they sit on."""
+
+    backbone: str  # path of the Video-LLM whose vision tower + bottom layers give the features
+    layers: int  # N: language layers run on top of the vision tower
+    hidden_size: int
+    dim: int = 128  # projection size of the heads
+    token_pool: str = "mean"  # how a frame's tokens become one reward: "max" or "mean"
+    fingerprint: dict | None = None  # backbone_fingerprint() of the backbone at training time
+    candidates: int = 16  # M used in training (any M works at test time)
+    num_frames: int = 4  # T of the training combinations
+
+
+class VoyagerHeads(nn.Module):
+    """Frame head and query head (LayerNorm -> Linear -> GELU -> Linear each) and the reward."""
+
+    def __init__(self, hidden_size: int, dim: int, token_pool: str = "mean"):
+        super().__init__()
+        if token_pool not in ("max", "mean"):
+            raise ValueError(f"token_pool must be 'max' or 'mean', got {token_pool!r}")
+        self.token_pool, self.dim = token_pool, dim
+
+        def head() -> nn.Sequential:
+            return nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, dim), nn.GELU(),
+                                 nn.Linear(dim, dim))
+
+        self.frame_head, self.query_head = head(), head()
+
+    def forward(self, frames: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """Rewards (M,) from one sample's frame features (M, P, H) and query features (Lq, H)."""
+        q = self.query_head(query).mean(0)
+        sim = self.frame_head(frames) @ q / self.dim ** 0.5  # (M, P)
+        return sim.amax(-1) if self.token_pool == "max" else sim.mean(-1)
+
+
+def combination_scores(rewards: torch.Tensor, combinations: torch.Tensor) -> torch.Tensor:
+    """Score of each combination = mean reward of its frames; rewards (M,), combinations (K, T) -> (K,)."""
+    return rewards[combinations].mean(-1)
+
+
+def ranking_loss(scores: torch.Tensor, losses: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of -log sigmoid(s_better - s_worse) over pairs whose label losses differ by more than `margin`
+    (lower label loss = better). Zero (with a gradient path) when no pair qualifies."""
+    better = (losses[:, None] + margin) < losses[None, :]  # [i, j]: i is better than j
+    if not better.any():
+        return scores.sum() * 0.0
+    diff = scores[:, None] - scores[None, :]
+    return F.softplus(-diff[better]).mean()
+
+
+def save_voyager(directory: str | Path, heads: VoyagerHeads, spec: VoyagerSpec) -> None:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(out / WEIGHTS_NAME))
+    (out / CONFIG_NAME).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+
+
+def load_voyager(directory: str | Path, backbone=None) -> tuple[VoyagerHeads, VoyagerSpec]:
+    """Heads and spec from DIR; with `backbone` (a loaded model), check it is the one trained on."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME} + {WEIGHTS_NAME} (train one with train_voyager.py)")
+    spec = VoyagerSpec(**json.loads((directory / CONFIG_NAME).read_text()))
+    if backbone is not None:
+        check_backbone(spec, backbone)
+    heads = VoyagerHeads(spec.hidden_size, spec.dim, spec.token_pool)
+    heads.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+    return heads.eval(), spec
+
+
+def check_backbone(spec: VoyagerSpec, model) -> None:
+    problem = fingerprint_mismatch(spec.fingerprint, backbone_fingerprint(model)) if spec.fingerprint else None
+    if problem is None and spec.layers > backbone_fingerprint(model)["num_hidden_layers"]:
+        problem = f"needs {spec.layers} language layers"
+    if problem:
+        raise ValueError(f"Voyager heads were trained on backbone {spec.backbone!r}; this model differs: {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Selectors for eval.py (common.frames.make_selector builds them)
+# ---------------------------------------------------------------------------------------------
+
+class VoyagerSelector:
+    """Reads M uniform candidates, scores them in one backbone pass, returns the top T in temporal order.
+
+    The backbone is the answering model itself when it is the one the heads were trained on (no second
+    copy in memory); otherwise it is loaded from the path in voyager.json (plug-and-play: any answering
+    model can use a Voyager trained on another backbone).
+    """
+
+    def __init__(self, directory: str, candidates: int, num: int, model=None, processor=None):
+        spec = VoyagerSpec(**json.loads((Path(directory) / CONFIG_NAME).read_text()))
+        same = model is not None and spec.fingerprint is not None and \
+            fingerprint_mismatch(spec.fingerprint, backbone_fingerprint(model)) is None
+        if same:
+            self.model, self.processor = model, processor
+        else:
+            self.model = load_model(spec.backbone, device=None if model is None else model.device).eval()
+            self.processor = load_processor(spec.backbone)
+        self.heads, self.spec = load_voyager(directory, backbone=self.model)
+        self.heads.to(self.model.device)
+        self.candidates, self.num = candidates, num
+
+    @torch.no_grad()
+    def frame_rewards(self, clip: Clip, query: str) -> torch.Tensor:
+        frames, q = backbone_features(self.model, self.processor, clip, query, self.spec.layers)
+        return self.heads(frames, q)
+
+    def __call__(self, sample) -> Clip:
+        clip = read_candidates(sample.path, self.candidates, self.num)
+        if len(clip.indices) == self.num:
+            return clip
+        rewards = self.frame_rewards(clip, voyager_query(sample.problem, sample.options))
+        return subclip(clip, select_top(rewards.cpu(), self.num))
+
+
+class RetrievalSelector:
+    """Text-frame similarity: cosine between each candidate frame and the question, top T kept.
+
+    With `retrieval_model` (a CLIP/SigLIP checkpoint path): its image and text embeddings. Without:
+    the answering model's own embeddings, i.e. each frame's vision-tower output (already projected to
+    the LLM's input space by the merger) mean-pooled over its tokens, against the mean input embedding
+    of the question's tokens.
+    """
+
+    def __init__(self, candidates: int, num: int, model=None, processor=None, retrieval_model: str = ""):
+        self.candidates, self.num = candidates, num
+        if retrieval_model:
+            from transformers import AutoModel, AutoProcessor
+
+            self.model = AutoModel.from_pretrained(retrieval_model).eval()
+            self.processor = AutoProcessor.from_pretrained(retrieval_model)
+            self.own = False
+        else:
+            if model is None or processor is None:
+                raise ValueError("retrieval without frames.retrieval_model needs the answering model")
+            self.model, self.processor, self.own = model, processor, True
+
+    @torch.no_grad()
+    def frame_scores(self, clip: Clip, query: str) -> torch.Tensor:
+        device = self.model.device
+        if self.own:
+            tp = self.processor.video_processor.temporal_patch_size
+            frames = np.ascontiguousarray(np.repeat(clip.frames, tp, axis=0))
+            pixels = self.processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")
+            visual = torch.cat(self.model.get_video_features(pixels["pixel_values_videos"].to(device),
+                                                             pixels["video_grid_thw"].to(device)).pooler_output)
+            image = visual.view(len(clip.indices), -1, visual.shape[-1]).mean(1)
+            ids = self.processor.tokenizer(query, return_tensors="pt")["input_ids"].to(device)
+            text = self.model.get_input_embeddings()(ids)[0].mean(0, keepdim=True)
+        else:
+            image = _features(self.model.get_image_features(
+                **self.processor(images=list(clip.frames), return_tensors="pt").to(device)))
+            max_length = self.model.config.get_text_config().max_position_embeddings  # CLIP: 77 tokens
+            text_inputs = self.processor(text=[query], return_tensors="pt", padding=True, truncation=True,
+                                         max_length=max_length).to(device)
+            text = _features(self.model.get_text_features(**text_inputs))
+        return F.cosine_similarity(image.float(), text.float(), dim=-1)
+
+    def __call__(self, sample) -> Clip:
+        clip = read_candidates(sample.path, self.candidates, self.num)
+        if len(clip.indices) == self.num:
+            return clip
+        scores = self.frame_scores(clip, voyager_query(sample.problem, sample.options))
+        return subclip(clip, select_top(scores.cpu(), self.num))
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns a model output from get_*_features; older versions a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output

@@ -1,0 +1,189 @@
+"""Frame-Voyager: ranking loss and top-T selection on hand-computed values, the backbone features, the
+save/load round trip with its backbone check, and label -> train -> eval.py (voyager and retrieval)."""
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common.data import load_samples
+from common.jsonl import read_jsonl
+from common.launch import cpu_launch_env
+from common.models import chat_text, load_model, load_processor
+from common.video import read_frames
+from common.voyager import (
+    VoyagerHeads,
+    VoyagerSpec,
+    backbone_features,
+    backbone_fingerprint,
+    bottom_layers,
+    combination_scores,
+    load_voyager,
+    own_patch_inputs,
+    ranking_loss,
+    save_voyager,
+    select_top,
+)
+from tests.conftest import ROOT
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def test_ranking_loss_matches_hand_computed_pairs():
+    scores = torch.tensor([2.0, 1.0, 0.0])
+    losses = torch.tensor([0.1, 0.5, 0.3])  # best: 0, then 2, then 1
+    # pairs (better, worse): (0, 1) diff 1, (0, 2) diff 2, (2, 1) diff -1
+    want = (softplus(-1.0) + softplus(-2.0) + softplus(1.0)) / 3
+    assert ranking_loss(scores, losses).item() == pytest.approx(want, rel=1e-6)
+    # with a margin of 0.25 only (0, 1) differs enough in label loss
+    assert ranking_loss(scores, losses, margin=0.25).item() == pytest.approx(softplus(-1.0), rel=1e-6)
+    flat = torch.tensor([1.0, 2.0], requires_grad=True)
+    zero = ranking_loss(flat, torch.tensor([0.3, 0.3]))
+    zero.backward()
+    assert zero.item() == 0.0 and flat.grad is not None
+
+
+def test_combination_score_is_the_mean_reward_of_its_frames():
+    rewards = torch.tensor([0.0, 1.0, 2.0, 4.0])
+    combos = torch.tensor([[0, 1], [2, 3], [1, 3]])
+    assert combination_scores(rewards, combos).tolist() == [0.5, 3.0, 2.5]
+
+
+def test_select_top_returns_the_best_frames_in_temporal_order():
+    assert select_top([0.1, 0.9, 0.5, 0.8, 0.2], 3) == [1, 2, 3]
+    assert select_top(torch.tensor([0.3, 0.1, 0.7, 0.2]), 2) == [0, 2]
+    assert select_top([0.5, 0.5, 0.5], 2) == [0, 1]  # ties go to the earlier frame
+    with pytest.raises(ValueError):
+        select_top([0.1, 0.2], 3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir).eval(), load_processor(tiny_model_dir)
+
+
+def test_bottom_layers_equal_the_models_own_forward(tiny, tiny_world_dir):
+    model, processor = tiny
+    sample = load_samples(tiny_world_dir / "test.json")[0]
+    clip = read_frames(sample.path, num_frames=6)
+    inputs = own_patch_inputs(processor, clip, chat_text(processor, sample.problem))
+    with torch.no_grad():
+        want = model.model(**inputs).last_hidden_state
+        model.model.rope_deltas = None
+        ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(ids)
+        visual = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        embeds[ids == model.config.video_token_id] = torch.cat(visual)
+        positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                                  video_grid_thw=inputs["video_grid_thw"],
+                                                  second_per_grid_ts=inputs["second_per_grid_ts"],
+                                                  attention_mask=inputs["attention_mask"])
+        lm = model.model.language_model
+        got = lm.norm(bottom_layers(model, embeds, positions, len(lm.layers)))
+    assert torch.allclose(got, want, atol=1e-5)
+    frames, query = backbone_features(model, processor, clip, sample.problem, layers=1)
+    assert frames.shape == (6, 16, model.config.text_config.hidden_size)  # 112 px: 16 tokens per frame
+    assert query.shape[0] > 3
+
+
+def test_save_load_round_trip_and_backbone_mismatch_errors(tiny, tmp_path):
+    model, _ = tiny
+    torch.manual_seed(0)
+    hidden = model.config.text_config.hidden_size
+    heads = VoyagerHeads(hidden, 16, "max")
+    spec = VoyagerSpec(backbone="tiny", layers=1, hidden_size=hidden, dim=16, token_pool="max",
+                       fingerprint=backbone_fingerprint(model))
+    save_voyager(tmp_path / "v", heads, spec)
+    loaded, loaded_spec = load_voyager(tmp_path / "v", backbone=model)
+    frames, query = torch.randn(5, 4, spec.hidden_size), torch.randn(7, spec.hidden_size)
+    assert loaded_spec == spec
+    assert torch.equal(loaded(frames, query), heads.eval()(frames, query))
+    assert backbone_fingerprint(model.to(torch.bfloat16)) == spec.fingerprint  # dtype does not matter
+    model.to(torch.float32)
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_input_embeddings().weight.add_(1e-2)
+    with pytest.raises(ValueError, match="different weights"):
+        load_voyager(tmp_path / "v", backbone=other)
+    spec_json = json.loads((tmp_path / "v" / "voyager.json").read_text())
+    spec_json["fingerprint"]["hidden_size"] = 4096
+    (tmp_path / "v" / "voyager.json").write_text(json.dumps(spec_json))
+    with pytest.raises(ValueError, match="hidden_size is 128, the heads were trained on 4096"):
+        load_voyager(tmp_path / "v", backbone=model)
+
+
+def run(script, args):
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=cpu_launch_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tiny_world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("voyager_pipeline")
+    run("label_frames.py", [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}",
+                            f"output_dir={out / 'labels'}", "candidates=8", "num_frames=2", "max_combinations=12"])
+    run("train_voyager.py", [f"labels={out / 'labels' / 'labels.jsonl'}", f"output_dir={out / 'voyager'}",
+                             "layers=1", "dim=16", "epochs=2", "batch_size=4", "val_fraction=0.25"])
+    return out
+
+
+def test_training_writes_heads_spec_and_validation_metrics(trained, tiny_model_dir):
+    spec = json.loads((trained / "voyager" / "voyager.json").read_text())
+    assert spec["backbone"] == str(tiny_model_dir) and spec["layers"] == 1 and spec["num_frames"] == 2
+    metrics = read_jsonl(trained / "voyager" / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]
+    for key in ("pair_accuracy", "spearman", "evidence_recall_voyager", "evidence_recall_uniform"):
+        assert 0.0 <= abs(metrics[-1][key]) <= 1.0
+
+
+@pytest.mark.parametrize("strategy", ["voyager", "retrieval"])
+def test_eval_selects_frames_with_voyager_and_retrieval(trained, tiny_model_dir, tiny_world_dir, strategy):
+    out = trained / f"eval_{strategy}"
+    run("eval.py", [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'test.json'}", f"output_dir={out}",
+                    f"frames.strategy={strategy}", f"frames.voyager={trained / 'voyager'}", "frames.candidates=12",
+                    "frames.num=3", "batch_size=4", "max_new_tokens=8", "limit=4"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 4 and summary["n_failed"] == 0 and "evidence_recall" in summary
+    candidates = {s.problem_id: read_frames(s.path, num_frames=12).indices
+                  for s in load_samples(tiny_world_dir / "test.json")}
+    for row in read_jsonl(out / "predictions.jsonl"):
+        frames = row["frame_indices"]
+        assert len(frames) == 3 and frames == sorted(frames) and set(frames) <= set(candidates[row["problem_id"]])
+
+
+def test_retrieval_with_a_clip_model_keeps_the_most_similar_frames(tiny_world_dir, tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from common.voyager import RetrievalSelector
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
+             **{c + "</w>": 28 + i for i, c in enumerate(letters)}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=64, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                         pad_token_id=1, **small),
+                        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+
+    select = RetrievalSelector(candidates=8, num=3, retrieval_model=str(tmp_path / "clip"))
+    sample = load_samples(tiny_world_dir / "test.json")[0]
+    clip = read_frames(sample.path, num_frames=8)
+    scores = select.frame_scores(clip, sample.problem + "\n" + "\n".join(sample.options))
+    assert scores.shape == (8,)
+    chosen = select(sample)
+    assert chosen.indices == [clip.indices[p] for p in select_top(scores, 3)]
