@@ -45,14 +45,13 @@ from common.attribution import (
 from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
 from common.config import parse_config, require, save_config
 from common.data import build_prompt, epoch_batches, load_samples
-from common.frames import FramesConfig, load_visual, make_selector
+from common.frames import FramesConfig, load_batch, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
 from common.jsonl import append_jsonl, write_json
 from common.launch import make_accelerator
 from common.models import load_model, load_processor, model_inputs, model_path_ok, visual_tokens
 from common.report import write_attribution_html
 from common.rewards import accuracy_reward, format_reward, length_reward
-from common.video import VideoError
 
 
 @dataclass
@@ -250,16 +249,8 @@ def main() -> None:
 
         # ---- rollout: G completions per prompt ----------------------------------------------
         t0 = time.time()
-        batch, visuals = [], []
-        for i in indices:
-            try:
-                visuals.append(load_visual(samples[i], select))
-                batch.append(samples[i])
-            except VideoError as e:
-                if cfg.on_bad_video == "stop":
-                    raise
-                append_jsonl(out / "skipped.jsonl", [{"step": step, "problem_id": samples[i].problem_id,
-                                                      "error": str(e)}])
+        batch, visuals = load_batch([samples[i] for i in indices], select, cfg.on_bad_video,
+                                    out / "skipped.jsonl", step=step)
         require(bool(batch), "data", f"every video of step {step}'s batch was unreadable (see skipped.jsonl)")
         prompt_inputs = model_inputs(processor, [build_prompt(s) for s in batch], visuals).to(accelerator.device)
         hf_model.eval()

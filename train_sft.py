@@ -24,11 +24,10 @@ from transformers import get_cosine_schedule_with_warmup
 from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
 from common.config import parse_config, require, save_config
 from common.data import build_prompt, build_target, epoch_batches, load_samples
-from common.frames import FramesConfig, load_visual, make_selector
+from common.frames import FramesConfig, load_batch, make_selector
 from common.jsonl import append_jsonl
 from common.launch import make_accelerator
 from common.models import load_model, load_processor, model_inputs, model_path_ok
-from common.video import VideoError
 
 
 @dataclass
@@ -126,15 +125,8 @@ def main() -> None:
         for indices in batches[in_epoch:]:
             if micro >= total_micro:
                 break
-            batch, visuals = [], []
-            for i in indices:
-                try:
-                    visuals.append(load_visual(samples[i], select))
-                    batch.append(samples[i])
-                except VideoError as e:
-                    if cfg.on_bad_video == "stop":
-                        raise
-                    append_jsonl(skipped_path, [{"problem_id": samples[i].problem_id, "error": str(e)}])
+            batch, visuals = load_batch([samples[i] for i in indices], select, cfg.on_bad_video, skipped_path,
+                                        step=step)
             with accelerator.accumulate(model):
                 if batch:
                     targets = [build_target(s, cfg.with_reasoning) for s in batch]

@@ -84,3 +84,21 @@ def read_image(path) -> np.ndarray:
 def load_visual(sample: Sample, select: Selector) -> Clip | np.ndarray:
     """The sample's visual input: selected frames of a video, or the image itself."""
     return select(sample) if sample.data_type == "video" else read_image(sample.path)
+
+
+def load_batch(samples: list[Sample], select: Selector, on_bad_video: str, skipped_path, **context):
+    """Visual inputs of a training batch. An unreadable video is recorded in `skipped_path` (with
+    `context`, e.g. the step) and left out, or raises when on_bad_video == "stop"; it is never
+    replaced by another sample's data. Returns (the samples kept, their visuals)."""
+    from common.jsonl import append_jsonl
+
+    kept, visuals = [], []
+    for sample in samples:
+        try:
+            visuals.append(load_visual(sample, select))
+            kept.append(sample)
+        except VideoError as e:
+            if on_bad_video == "stop":
+                raise
+            append_jsonl(skipped_path, [{**context, "problem_id": sample.problem_id, "error": str(e)}])
+    return kept, visuals

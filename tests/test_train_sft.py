@@ -53,3 +53,21 @@ def test_resumed_run_ends_with_the_same_weights_and_checkpoints_load(tiny_model_
     metrics = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["loss"] > 0 for m in metrics)
     load_model(tmp_path / "full" / "checkpoints" / "step_000002")  # periodic checkpoints load like a model
+
+
+def test_broken_video_is_recorded_and_skipped_or_stops_the_run(tiny_model_dir, tiny_world_dir, tmp_path):
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world_dir, data)
+    record = json.loads((data / "train.json").read_text())[0]
+    (data / record["path"]).write_bytes(b"not a video")
+    base = [f"model={tiny_model_dir}", f"data={data / 'train.json'}", "frames.num=4", "batch_size=8", "max_steps=2"]
+    sft([*base, f"output_dir={tmp_path / 'skip'}"])
+    skipped = read_jsonl(tmp_path / "skip" / "skipped.jsonl")
+    assert {r["problem_id"] for r in skipped} == {str(record["problem_id"])}
+    assert record["path"].split("/")[-1] in skipped[0]["error"]
+    proc = subprocess.run([sys.executable, "train_sft.py", *base, f"output_dir={tmp_path / 'stop'}",
+                           "on_bad_video=stop"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and record["path"].split("/")[-1] in proc.stderr
