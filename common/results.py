@@ -102,7 +102,9 @@ def collect(out: Path) -> dict:
         results["timings"][row["stage"]] = row["seconds"]
     for path in sorted(out.rglob("skipped.jsonl")):
         rows = read_jsonl(path)
-        results["skipped"][str(path.parent.relative_to(out))] = {"n": len(rows), "reasons": [r["error"] for r in rows]}
+        if rows:
+            results["skipped"][str(path.parent.relative_to(out))] = {"n": len(rows),
+                                                                     "reasons": [r["error"] for r in rows]}
     for path in sorted((out / "eval").glob("*/summary.json")):
         failures = json.loads(path.read_text()).get("failures", [])
         if failures:
@@ -185,8 +187,11 @@ def markdown(results: dict, images: list[str]) -> str:
             lines.append(f"| {name} | {fmt(e.get('selected_fraction'))} | {fmt(e['share_in_answer'])} | "
                          f"{fmt(e['share_informative'])} |")
         lines += ["", "`all_tokens` is the base rate: a selection that prefers informative tokens beats it.", ""]
-    if results["skipped"]:
-        lines += ["## Skipped inputs", "", "| stage | n | reasons (first 3) |", "|---|---|---|"]
+    lines += ["## Skipped inputs", ""]
+    if not results["skipped"]:
+        lines += ["No stage skipped a sample.", ""]
+    else:
+        lines += ["| stage | n | reasons (first 3) |", "|---|---|---|"]
         for stage, e in results["skipped"].items():
             lines.append(f"| {stage} | {e['n']} | {'; '.join(e['reasons'][:3])} |")
         lines.append("")
