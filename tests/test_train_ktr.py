@@ -118,3 +118,15 @@ def test_bad_config_values_stop_before_any_work(answering_model_dir, tiny_world_
     out = tmp_path / "bad"
     proc = run([*ktr_args(answering_model_dir, tiny_world_dir / "train.json", out), override], expect=2)
     assert f"{key}:" in proc.stderr and not out.exists()
+
+
+def test_variants_run_pixel_removal_segment_shuffle_sequence_scope_token_mean(answering_model_dir, tiny_world_dir,
+                                                                               tmp_path):
+    out = tmp_path / "variants"
+    run(ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "max_steps=1",
+                 "attribution.visual_removal=pixels", "attribution.temporal_mode=segment_shuffle",
+                 "attribution.score=absolute", "attribution.scope=sequence", "aggregation=token_mean",
+                 "num_iterations=2", "epsilon_high=0.28"))
+    metrics = read_jsonl(out / "metrics.jsonl")[0]
+    for signal in ("visual", "temporal", "entropy"):
+        assert 0 < metrics[f"selected/{signal}"] <= 0.5, signal
