@@ -73,6 +73,7 @@ case "${1:-tiny}" in
     done
     [ "${2:-}" = "--dry-run" ] && RUN=echo || RUN=
     [ $missing = 0 ] || [ -n "$RUN" ] || exit 1
+    [ -n "$RUN" ] && python -m common.models plan-7b --gpus 8  # sizes and memory per GPU, no weights needed
     OUT=outputs/paper
     LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
     $RUN stage sft   $OUT/sft/final/config.json  $LAUNCH train_sft.py --config configs/sft.yaml model=$BASE_MODEL data=$SFT_DATA

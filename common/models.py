@@ -303,6 +303,41 @@ def build_tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     return out
 
 
+# Published architecture of Qwen2.5-VL-7B (its config.json), for planning runs without the weights.
+QWEN2_5_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                     bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+)
+
+
+def meta_model(arch: dict = QWEN2_5_VL_7B):
+    """The architecture on the meta device: shapes and parameter counts, no memory, no weights."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**arch))
+
+
+def zero3_memory_gib(n_params: int, n_trainable: int, gpus: int, with_reference: bool) -> dict[str, float]:
+    """Per-GPU memory for weights and optimizer under ZeRO-3 with bf16 + AdamW (fp32 master weights and
+    two moments: 12 bytes per trainable parameter), activations excluded. The reference model is
+    loaded whole on every rank in bf16 (train_ktr does not shard it)."""
+    gib = 1024**3
+    out = {"policy weights (bf16, sharded)": 2 * n_params / gpus / gib,
+           "gradients (bf16, sharded)": 2 * n_trainable / gpus / gib,
+           "AdamW states + fp32 master (sharded)": 12 * n_trainable / gpus / gib}
+    if with_reference:
+        out["reference model (bf16, whole)"] = 2 * n_params / gib
+    out["total before activations"] = sum(out.values())
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,7 +345,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     tiny.add_argument("--out", required=True)
     for name, value in TinySpec().__dict__.items():
         tiny.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    plan = sub.add_parser("plan-7b", help="Qwen2.5-VL-7B on the meta device: parameters, ids, ZeRO-3 memory per GPU")
+    plan.add_argument("--gpus", type=int, default=8)
+    plan.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
+    if args.command == "plan-7b":
+        model = meta_model()
+        n = sum(p.numel() for p in model.parameters())
+        trainable = n - (sum(p.numel() for p in model.model.visual.parameters()) if args.freeze_vision else 0)
+        ids = visual_tokens(model.config)
+        print(f"Qwen2.5-VL-7B: {n / 1e9:.2f}B parameters ({trainable / 1e9:.2f}B trained), "
+              f"{len(model.model.language_model.layers)} language layers; video token {ids.video}, image {ids.image}")
+        for name, value in zero3_memory_gib(n, trainable, args.gpus, with_reference=True).items():
+            print(f"  {name:<40}{value:6.1f} GiB per GPU ({args.gpus} GPUs)")
+        return
     spec = TinySpec(**{k: getattr(args, k) for k in TinySpec().__dict__})
     out = build_tiny(args.out, spec)
     info = json.loads((out / "tiny_spec.json").read_text())
