@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 SIGNAL_STYLE = {  # each signal draws its own mark, so a token selected by several shows all of them
@@ -47,6 +46,3 @@ def write_attribution_html(records: list[dict], path: str | Path, title: str = "
     path.write_text(PAGE.format(title=html.escape(title), legend=legend, samples="\n".join(blocks)))
     return path
 
-
-def read_token_rows(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
