@@ -40,19 +40,27 @@ case "${1:-tiny}" in
     exec python -m pytest tests
     ;;
   tiny)  # synthetic world -> tiny model -> SFT -> labels -> Voyager -> GRPO / KTR -> evaluations
-    OUT=outputs/tiny
-    stage data      $OUT/data/test.json           python -m common.tinyworld --out $OUT/data --train 2000 --test 400 --seed 0
-    stage model     $OUT/model/config.json        python -m common.models build-tiny --out $OUT/model --max-pixels 3136 --seed 0
-    stage sft       $OUT/sft/final/config.json    python train_sft.py --config configs/tiny/sft.yaml
-    stage label     $OUT/labels/summary.json      python label_frames.py --config configs/tiny/label.yaml
-    stage voyager   $OUT/voyager/voyager.json     python train_voyager.py --config configs/tiny/voyager.yaml
-    stage grpo      $OUT/grpo/final/config.json   python train_ktr.py --config configs/tiny/grpo.yaml
-    stage ktr       $OUT/ktr/final/config.json    python train_ktr.py --config configs/tiny/ktr.yaml
-    for run in sft grpo ktr; do  # question answering with 8 uniform frames
-      stage eval_$run $OUT/eval/${run}_uniform/summary.json \
-        python eval.py --config configs/tiny/eval.yaml model=$OUT/$run/final output_dir=$OUT/eval/${run}_uniform
+    # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
+    OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-2000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-1200}
+    N_LABEL=${N_LABEL:-800} RL_STEPS=${RL_STEPS:-60}
+    DATA=$OUT/data SFT=$OUT/sft/final
+    stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
+    stage model   $OUT/model/config.json      python -m common.models build-tiny --out $OUT/model --max-pixels 3136 --seed 0
+    stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
+      model=$OUT/model data=$DATA/train.json output_dir=$OUT/sft max_steps=$SFT_STEPS
+    stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
+      model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
+    stage voyager $OUT/voyager/voyager.json   python train_voyager.py --config configs/tiny/voyager.yaml \
+      model=$SFT labels=$OUT/labels/labels.jsonl output_dir=$OUT/voyager
+    for run in grpo ktr; do  # the same budget and seeds; configs/tiny/grpo.yaml = ktr.yaml with the signals off
+      stage $run  $OUT/$run/final/config.json python train_ktr.py --config configs/tiny/$run.yaml \
+        model=$SFT data=$DATA/train.json output_dir=$OUT/$run max_steps=$RL_STEPS
     done
-    EVAL4="python eval.py --config configs/tiny/eval.yaml model=$OUT/sft/final frames.num=4"  # frame selection: T=4
+    EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
+    for run in sft grpo ktr; do  # question answering with 8 uniform frames
+      stage eval_$run $OUT/eval/${run}_uniform/summary.json $EVAL model=$OUT/$run/final output_dir=$OUT/eval/${run}_uniform
+    done
+    EVAL4="$EVAL model=$SFT frames.num=4"  # frame selection: T = 4 frames for the SFT model
     stage eval_uniform4   $OUT/eval/sft_uniform4/summary.json    $EVAL4 output_dir=$OUT/eval/sft_uniform4
     stage eval_retrieval4 $OUT/eval/sft_retrieval4/summary.json  $EVAL4 output_dir=$OUT/eval/sft_retrieval4 \
       frames.strategy=retrieval frames.candidates=16
