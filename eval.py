@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common.config import parse_config, require, save_config
 from common.data import Sample, build_prompt, load_samples, solution_answer
 from common.frames import FramesConfig, load_visual, make_selector
-from common.jsonl import append_jsonl, read_jsonl, write_json
+from common.jsonl import append_jsonl, merge_shards, read_jsonl, write_json
 from common.launch import make_accelerator
 from common.models import load_model, load_processor, model_inputs, model_path_ok, visual_tokens
 from common.rewards import accuracy_reward, extract_answer
@@ -162,29 +162,13 @@ def main() -> None:
         bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        merge_predictions(out, [s.problem_id for s in samples])
+        merge_shards(out, "predictions", [s.problem_id for s in samples])
         summary = summarize(read_jsonl(merged_path))
         summary.update(model=cfg.model, data=cfg.data, frames=cfg.frames.strategy, time=time.strftime("%F %T"))
         write_json(out / "summary.json", summary)
         print_table(summary, f"{cfg.model} on {cfg.data} (frames: {cfg.frames.strategy})")
         print(f"predictions -> {merged_path}\nsummary -> {out / 'summary.json'}")
     accelerator.end_training()
-
-
-def merge_predictions(out: Path, order: list[str]) -> None:
-    """Fold the per-process shards into predictions.jsonl, in data order, each sample once."""
-    shards = sorted(out.glob("predictions.rank*.jsonl"))
-    by_id = {}
-    for path in [out / "predictions.jsonl", *shards]:
-        for row in read_jsonl(path):
-            by_id.setdefault(row["problem_id"], row)
-    rows = [by_id[i] for i in order if i in by_id]
-    tmp = out / "predictions.jsonl.tmp"
-    tmp.write_text("")
-    append_jsonl(tmp, rows)
-    tmp.replace(out / "predictions.jsonl")
-    for path in shards:
-        path.unlink()
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from common.config import parse_config, require, save_config
 from common.data import Sample, build_prompt, build_target, load_samples
-from common.jsonl import append_jsonl, read_jsonl, write_json
+from common.jsonl import append_jsonl, merge_shards, read_jsonl, write_json
 from common.launch import make_accelerator
 from common.models import chat_text, load_model, load_processor, model_inputs, model_path_ok
 from common.video import Clip, VideoError, probe, read_frames
@@ -360,23 +360,6 @@ def main() -> None:
         print(f"labeled {summary['samples']} samples ({summary['combinations']} combinations), "
               f"skipped {len(skipped)} -> {out / 'labels.jsonl'}")
     accelerator.end_training()
-
-
-def merge_shards(out: Path, name: str, order: list[str]) -> list[dict]:
-    """Fold NAME.rank*.jsonl into NAME.jsonl, in data order, each sample once; returns the rows."""
-    shards = sorted(out.glob(f"{name}.rank*.jsonl"))
-    by_id: dict[str, dict] = {}
-    for path in [out / f"{name}.jsonl", *shards]:
-        for row in read_jsonl(path):
-            by_id.setdefault(row["problem_id"], row)
-    rows = [by_id[i] for i in order if i in by_id]
-    tmp = out / f"{name}.jsonl.tmp"
-    tmp.write_text("")
-    append_jsonl(tmp, rows)
-    tmp.replace(out / f"{name}.jsonl")
-    for path in shards:
-        path.unlink()
-    return rows
 
 
 if __name__ == "__main__":

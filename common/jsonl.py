@@ -52,3 +52,21 @@ def write_json(path: str | Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def merge_shards(out: Path, name: str, order: list[str]) -> list[dict]:
+    """Fold the per-process files NAME.rank*.jsonl into NAME.jsonl, in data order, each sample
+    (problem_id) once, written atomically; returns the rows. Safe to repeat after a crash."""
+    shards = sorted(out.glob(f"{name}.rank*.jsonl"))
+    by_id: dict[str, dict] = {}
+    for path in [out / f"{name}.jsonl", *shards]:
+        for row in read_jsonl(path):
+            by_id.setdefault(row["problem_id"], row)
+    rows = [by_id[i] for i in order if i in by_id]
+    tmp = out / f"{name}.jsonl.tmp"
+    tmp.write_text("")
+    append_jsonl(tmp, rows)
+    tmp.replace(out / f"{name}.jsonl")
+    for path in shards:
+        path.unlink()
+    return rows
