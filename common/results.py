@@ -104,7 +104,7 @@ def collect(out: Path) -> dict:
         rows = read_jsonl(path)
         if rows:
             results["skipped"][str(path.parent.relative_to(out))] = {"n": len(rows),
-                                                                     "reasons": [r["error"] for r in rows]}
+                                                                     "reasons": [r.get("error") or r.get("reason") for r in rows]}
     for path in sorted((out / "eval").glob("*/summary.json")):
         failures = json.loads(path.read_text()).get("failures", [])
         if failures:

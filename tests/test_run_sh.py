@@ -1,5 +1,6 @@
-"""run.sh end to end at a small size: killed at fixed points and rerun, it finishes with the same
-results as an uninterrupted run (which also checks that two runs give the same numbers)."""
+"""run.sh end to end at a small size, on data with a truncated, an empty and a missing video: killed at
+fixed points and rerun, it finishes with the same results as an uninterrupted run (which also checks
+that two runs give the same numbers), and RESULTS.md says what each stage skipped and why."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import time
 
+from common.tinyworld import generate
 from tests.conftest import ROOT
 
 SMALL = {"N_TRAIN": "16", "N_TEST": "8", "SFT_STEPS": "4", "N_LABEL": "8", "RL_STEPS": "2", "OMP_NUM_THREADS": "1"}
@@ -36,13 +38,27 @@ def kill_when(out, line_start: str) -> None:
     assert proc.returncode != 0, f"the run ended before {line_start!r}"
 
 
+def break_videos(data) -> None:
+    """Truncate one training video, empty another, delete a test video (run.sh's data stage made them)."""
+    truncated, empty, missing = data / "videos/train_000001.mp4", data / "videos/train_000002.mp4", \
+        data / "videos/test_000003.mp4"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 3])
+    empty.write_bytes(b"")
+    missing.unlink()
+
+
 def comparable(out) -> dict:
-    results = json.loads((out / "results.json").read_text())
+    """results.json without timings and date, the run's folder replaced by OUT (skip reasons name files)."""
+    results = json.loads((out / "results.json").read_text().replace(str(out), "OUT"))
     return {k: v for k, v in results.items() if k not in ("timings", "date")}
 
 
 def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp_path):
-    run_to_end(tmp_path / "a")
+    generate(tmp_path / "a" / "data", 16, 8, seed=0, progress=False)  # what run.sh's data stage writes
+    break_videos(tmp_path / "a" / "data")
+    assert "== data: done already" in run_to_end(tmp_path / "a")
+    kill_when(tmp_path / "b", "== model:")  # the data stage has finished by then
+    break_videos(tmp_path / "b" / "data")
     kill_when(tmp_path / "b", "== label:")
     kill_when(tmp_path / "b", "== eval_grpo:")
     output = run_to_end(tmp_path / "b")
@@ -50,4 +66,12 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
     a, b = comparable(tmp_path / "a"), comparable(tmp_path / "b")
     assert set(a["qa"]) == {"sft", "grpo", "ktr"} and set(a["frame_selection"]) >= {"uniform", "retrieval", "voyager"}
     assert a == b
-    assert (tmp_path / "b" / "RESULTS.md").read_text().count("|") > 20
+    # every stage that reads videos reports the broken ones and why, and finishes the rest
+    skipped = a["skipped"]
+    assert skipped["sft"]["n"] >= 2 and skipped["labels"]["n"] == 2, skipped
+    assert {"eval/sft_uniform", "eval/ktr_uniform", "eval/sft_voyager4"} <= set(skipped)
+    assert all(skipped[f"eval/{run}"]["n"] == 1 for run in ("sft_uniform", "grpo_uniform", "ktr_uniform"))
+    assert all(e["n"] == len(e["reasons"]) and all("mp4" in r for r in e["reasons"]) for e in skipped.values())
+    assert a["qa"]["sft"]["n"] == 8 and a["qa"]["sft"]["n_failed"] == 1
+    report = (tmp_path / "b" / "RESULTS.md").read_text()
+    assert report.count("|") > 20 and "## Skipped inputs" in report and "| labels | 2 |" in report
