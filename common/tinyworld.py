@@ -150,13 +150,15 @@ def _side(size: int) -> int:
 
 def _choices(rng: np.random.Generator, answer: str, must: list[str],
              pool: list[str]) -> tuple[list[str], str]:
-    """Answer + distractors (`must` first, then random from `pool`), shuffled; returns (options, letter)."""
+    """Answer + distractors (`must` first, then random from `pool`), listed in palette order (as count
+    lists 1-4 in order); returns (options, letter). Answer and distractors are exchangeable random
+    colours, so the answer's letter is still uniform over A-D and a blind guess still scores 1 in 4.
+    Shuffled letters turn each answer into an in-context lookup that the 2-layer tiny model needed
+    ~4,000 text-only steps to learn (README, "Can the tiny model learn?"); in palette order, ~500."""
     distract = [c for c in must if c != answer][:3]
     rest = [c for c in pool if c != answer and c not in distract]
     distract += [str(c) for c in rng.choice(rest, 3 - len(distract), replace=False)]
-    values = [answer, *distract]
-    order = rng.permutation(4)
-    values = [values[i] for i in order]
+    values = sorted([answer, *distract], key=list(COLORS).index)
     return [f"{LETTERS[i]}. {v}" for i, v in enumerate(values)], LETTERS[values.index(answer)]
 
 

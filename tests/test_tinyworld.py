@@ -77,6 +77,21 @@ def test_records_are_valid(world):
         assert set(r["process"].split()) <= vocab_words
 
 
+def test_options_in_palette_order_and_answer_letters_uniform():
+    """Colour options are listed in palette order; the answer's letter still carries no information:
+    over 2,000 scenes of each colour family every letter is the answer about 1 time in 4."""
+    palette = list(tw.COLORS)
+    for family in ("appearance", "order", "moment"):
+        letters = []
+        for i in range(tw.FAMILIES.index(family), 8000, len(tw.FAMILIES)):
+            s = tw.make_scene(0, "train", i, frames=32, size=56)
+            values = [o[3:] for o in s.options]
+            assert values == sorted(values, key=palette.index), s.options
+            letters.append(s.answer)
+        share = {x: letters.count(x) / len(letters) for x in tw.LETTERS}
+        assert all(abs(v - 0.25) < 0.035 for v in share.values()), (family, share)
+
+
 def test_deterministic_and_independent_of_n(world, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     tw.generate(a, 4, 4, seed=0, frames=FRAMES, progress=False)
