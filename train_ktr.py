@@ -48,7 +48,7 @@ from common.data import build_prompt, epoch_batches, load_samples
 from common.frames import FramesConfig, load_batch, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
 from common.jsonl import append_jsonl, write_json
-from common.launch import make_accelerator
+from common.launch import configure_deepspeed, make_accelerator
 from common.models import load_model, load_processor, model_inputs, model_path_ok, visual_tokens
 from common.report import write_attribution_html
 from common.rewards import accuracy_reward, format_reward, length_reward
@@ -184,6 +184,23 @@ def gathered_for_generation(accelerator, model):
         yield
 
 
+def prepare_reference(accelerator, model):
+    """The frozen reference model, placed like the policy: under ZeRO-3 its parameters are sharded
+    across ranks too (a parameter-only DeepSpeed engine, no optimizer; modules gather their weights
+    when called), otherwise it is whole on each device."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    config = {k: v for k, v in plugin.deepspeed_config.items() if k not in ("optimizer", "scheduler")}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    local = sum(p.ds_tensor.numel() for p in model.parameters())
+    total = sum(p.ds_numel for p in model.parameters())
+    accelerator.print(f"reference model sharded by ZeRO-3: {local} of {total} parameters on rank 0")
+    return engine.module.eval()
+
+
 def signal_overlaps(masks: dict[str, torch.Tensor]) -> dict[str, float]:
     """Jaccard overlap of each pair of signals' selections."""
     out = {}
@@ -216,10 +233,6 @@ def main() -> None:
         model.config.use_cache = False
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
-    ref_model = None
-    if cfg.beta > 0:  # the starting policy, frozen (loaded from cfg.model, also when resuming)
-        ref_model = load_model(cfg.model, attn_implementation=cfg.attn_implementation or None)
-        ref_model = ref_model.eval().requires_grad_(False).to(accelerator.device)
 
     steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes, 0, cfg.seed, 0))
     require(steps_per_epoch > 0, "batch_size", f"{len(samples)} samples are fewer than one global batch")
@@ -228,8 +241,13 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    configure_deepspeed(accelerator, cfg.batch_size * cfg.num_generations, cfg.max_grad_norm)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     hf_model = accelerator.unwrap_model(policy).model  # the same parameters, for generate() and no-grad passes
+    ref_model = None
+    if cfg.beta > 0:  # the starting policy, frozen (loaded from cfg.model, also when resuming)
+        ref_model = prepare_reference(accelerator, load_model(cfg.model, attn_implementation=cfg.attn_implementation
+                                                              or None).eval().requires_grad_(False))
 
     step = 0
     if resume_from is not None:

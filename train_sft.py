@@ -26,7 +26,7 @@ from common.config import parse_config, require, save_config
 from common.data import build_prompt, build_target, epoch_batches, load_samples
 from common.frames import FramesConfig, load_batch, make_selector
 from common.jsonl import append_jsonl
-from common.launch import make_accelerator
+from common.launch import configure_deepspeed, make_accelerator
 from common.models import load_model, load_processor, model_inputs, model_path_ok
 
 
@@ -49,7 +49,7 @@ class Config:
     max_grad_norm: float = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = False
-    freeze_vision: bool = False
+    freeze_vision: bool = False  # freeze the vision tower (encoder blocks and merger)
     attn_implementation: str = ""
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the final one
     keep_checkpoints: int = 2
@@ -97,14 +97,14 @@ def main() -> None:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if cfg.freeze_vision:
-        for p in model.model.visual.parameters():
-            p.requires_grad_(False)
+        model.model.visual.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes, 0, cfg.seed, 0))
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch / cfg.grad_accum)
     require(steps_per_epoch > 0, "batch_size", f"{len(samples)} samples are fewer than one global batch")
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     step, micro = 0, 0  # optimizer steps done, micro-batches consumed

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from common.config import parse_config, require, save_config
 from common.jsonl import append_jsonl, read_jsonl, write_json
-from common.launch import make_accelerator
+from common.launch import configure_deepspeed, make_accelerator
 from common.models import load_model, load_processor, model_path_ok
 from common.video import VideoError, read_frames, uniform_indices
 from common.voyager import (
@@ -189,6 +189,7 @@ def main() -> None:
 
     heads = VoyagerHeads(spec.hidden_size, cfg.dim, cfg.token_pool)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    configure_deepspeed(accelerator, cfg.batch_size, 0.0)
     heads, optimizer = accelerator.prepare(heads, optimizer)
     # Every process takes the same number of steps (DDP all-reduces each one); a shorter shard wraps around.
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / world) / cfg.batch_size)

@@ -161,11 +161,6 @@ def temporal_permutation(n_patches: int, mode: str, generator: torch.Generator, 
 # Log-probs of the completion tokens.
 # ------------------------------------------------------------------------------------------------
 
-def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
-
-
 def policy_logps(model, rollout: Rollout, features: VisualFeatures, chunk_size: int = 64,
                  with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Completion-token log-probs (differentiable) and entropies under the real input, one
@@ -174,9 +169,8 @@ def policy_logps(model, rollout: Rollout, features: VisualFeatures, chunk_size: 
     hidden = model.model.language_model(inputs_embeds=embeds, position_ids=rollout.position_ids,
                                         attention_mask=rollout.attention_mask).last_hidden_state
     p = rollout.prompt_length
-    weight, bias = _lm_head(model)
-    return token_logps_and_entropy(hidden[:, p - 1: -1], weight, rollout.completion_ids, chunk_size,
-                                   lm_head_bias=bias, with_entropy=with_entropy)
+    return token_logps_and_entropy(hidden[:, p - 1: -1], model.get_output_embeddings(), rollout.completion_ids,
+                                   chunk_size, with_entropy=with_entropy)
 
 
 @torch.no_grad()
@@ -195,8 +189,7 @@ def _prefix_shared_logps(model, prefix_embeds: torch.Tensor, prefix_positions: t
     rest = lm(inputs_embeds=model.get_input_embeddings()(completion_ids), position_ids=completion_positions,
               attention_mask=mask, cache=cache, use_cache=True)
     hidden = torch.cat([prefix.last_hidden_state[:, -1:].expand(g, -1, -1), rest.last_hidden_state[:, :-1]], dim=1)
-    weight, bias = _lm_head(model)
-    logps, _ = token_logps_and_entropy(hidden, weight, completion_ids, chunk_size, lm_head_bias=bias,
+    logps, _ = token_logps_and_entropy(hidden, model.get_output_embeddings(), completion_ids, chunk_size,
                                        with_entropy=False)
     return logps
 

@@ -18,8 +18,9 @@ Decisions (quoted by the README):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -98,8 +99,8 @@ def _entropy_from_logp(logp: Tensor) -> Tensor:
     return -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
 
 
-def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, with_entropy: bool):
-    logp = F.linear(hidden, weight, bias).float().log_softmax(dim=-1)
+def _chunk_logps(hidden: Tensor, lm_head: Callable[[Tensor], Tensor], targets: Tensor, with_entropy: bool):
+    logp = lm_head(hidden).float().log_softmax(dim=-1)
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return token_logp, None
@@ -110,25 +111,25 @@ def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
 
 def token_logps_and_entropy(
     hidden: Tensor,
-    lm_head_weight: Tensor,
+    lm_head: Callable[[Tensor], Tensor],
     targets: Tensor,
     chunk_size: int = 64,
-    lm_head_bias: Tensor | None = None,
     with_entropy: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log-prob of `targets` (N, L) under logits lm_head(hidden) (N, L, H), plus detached entropy.
 
     A (N, L, V) float32 logits tensor is never built: logits are made chunk_size positions at a
     time and upcast per chunk. When a gradient is needed each chunk is checkpointed, so backward
-    rebuilds one chunk's logits at a time instead of keeping all of them alive.
+    rebuilds one chunk's logits at a time instead of keeping all of them alive. `lm_head` is
+    called as a module (the model's output embedding), never read as a weight: under ZeRO-3 the
+    call is what gathers the sharded weight, in the forward and again in backward's recompute.
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
-    )
+    params = lm_head.parameters() if isinstance(lm_head, torch.nn.Module) else ()
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
     logps, entropies = [], []
     for start in range(0, hidden.shape[1], chunk_size):
         span = slice(start, start + chunk_size)
-        args = (hidden[:, span], lm_head_weight, lm_head_bias, targets[:, span])
+        args = (hidden[:, span], lm_head, targets[:, span])
         if needs_grad:
             token_logp, entropy = checkpoint(_chunk_logps, *args, with_entropy, use_reentrant=False)
         else:

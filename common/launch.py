@@ -14,10 +14,44 @@ from collections.abc import Sequence
 import torch
 
 
+def deepspeed_requested() -> bool:
+    """True when `accelerate launch` was given a DeepSpeed config (it sets this variable)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def make_accelerator(**kwargs):
+    """Accelerator on the GPUs, or on the CPU when there is no CUDA. DeepSpeed runs without CUDA too
+    (DS_ACCELERATOR=cpu), but only as one process: accelerate counts a single process when it is
+    not told to use the CPU, and it never starts DeepSpeed when it is, so more fail here, early."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    cpu = not torch.cuda.is_available()
+    if cpu and deepspeed_requested():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError("DeepSpeed without CUDA runs only as a single process here (accelerate would count "
+                               "1 process for several); use --num_processes 1, or a DDP config on CPU")
+        cpu = False
+    accelerator = Accelerator(cpu=cpu, **kwargs)
+    plugin = accelerator.state.deepspeed_plugin
+    accelerator.print(f"accelerate: {accelerator.distributed_type.value}"
+                      + (f" ZeRO-{plugin.zero_stage}" if plugin is not None else "")
+                      + f", {accelerator.num_processes} process(es) on {accelerator.device.type}")
+    return accelerator
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Put the script's batch size and clipping into the DeepSpeed config (no-op without DeepSpeed).
+    DeepSpeed needs the per-device batch, which accelerate reads from a DataLoader these scripts do
+    not hand to `prepare`; and DeepSpeed clips inside its own step, at the config's value (0 = off),
+    not the script's. Call before `accelerator.prepare`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+    accumulation = accelerator.gradient_accumulation_steps
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    plugin.deepspeed_config["gradient_accumulation_steps"] = accumulation
+    plugin.deepspeed_config["train_batch_size"] = micro_batch_size * accumulation * accelerator.num_processes
 
 
 def launch_command(script: str, args: Sequence[str] = (), num_processes: int = 1,
@@ -35,10 +69,11 @@ def launch_command(script: str, args: Sequence[str] = (), num_processes: int = 1
     return [*cmd, script, *args]
 
 
-def cpu_launch_env() -> dict:
-    """Environment for launching CPU processes: accelerate must be told to stay off CUDA."""
+def cpu_launch_env(deepspeed: bool = False) -> dict:
+    """Environment for launching CPU processes: accelerate must be told to stay off CUDA (except
+    for DeepSpeed, which accelerate starts only when it is not told so; see make_accelerator)."""
     env = dict(os.environ)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not deepspeed:
         env["ACCELERATE_USE_CPU"] = "1"
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")

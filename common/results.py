@@ -103,8 +103,8 @@ def collect(out: Path) -> dict:
     for path in sorted(out.rglob("skipped.jsonl")):
         rows = read_jsonl(path)
         if rows:
-            results["skipped"][str(path.parent.relative_to(out))] = {"n": len(rows),
-                                                                     "reasons": [r.get("error") or r.get("reason") for r in rows]}
+            reasons = [r.get("error") or r.get("reason") for r in rows]  # label_frames says "reason"
+            results["skipped"][str(path.parent.relative_to(out))] = {"n": len(rows), "reasons": reasons}
     for path in sorted((out / "eval").glob("*/summary.json")):
         failures = json.loads(path.read_text()).get("failures", [])
         if failures:

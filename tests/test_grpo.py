@@ -1,5 +1,6 @@
 """Tests for common.grpo; expected values are computed by hand unless compared with a naive reference."""
 
+import functools
 import math
 
 import pytest
@@ -145,6 +146,11 @@ def _naive_logps_and_entropy(hidden, weight, bias, targets):
     return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
+def head(weight, bias):
+    """An output layer to call, as the model's lm_head module is called."""
+    return functools.partial(torch.nn.functional.linear, weight=weight, bias=bias)
+
+
 def _lm_inputs(seed: int = 0, n: int = 2, length: int = 7, hidden_size: int = 8, vocab: int = 11):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, length, hidden_size, generator=gen)
@@ -157,12 +163,12 @@ def _lm_inputs(seed: int = 0, n: int = 2, length: int = 7, hidden_size: int = 8,
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])
 def test_chunked_logps_and_entropy_equal_full_logits(chunk_size):
     hidden, weight, bias, targets = _lm_inputs()
-    logps, entropy = token_logps_and_entropy(hidden, weight, targets, chunk_size, lm_head_bias=bias)
+    logps, entropy = token_logps_and_entropy(hidden, head(weight, bias), targets, chunk_size)
     ref_logps, ref_entropy = _naive_logps_and_entropy(hidden, weight, bias, targets)
     assert logps.dtype == entropy.dtype == torch.float32
     assert (logps - ref_logps).abs().max() <= 1e-5
     assert (entropy - ref_entropy).abs().max() <= 1e-5
-    _, no_entropy = token_logps_and_entropy(hidden, weight, targets, chunk_size, with_entropy=False)
+    _, no_entropy = token_logps_and_entropy(hidden, head(weight, None), targets, chunk_size, with_entropy=False)
     assert no_entropy is None
 
 
@@ -174,7 +180,7 @@ def test_chunked_checkpointed_gradients_equal_full_logits_gradients(chunk_size):
     for chunked in (True, False):
         h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
         if chunked:
-            logps, entropy = token_logps_and_entropy(h, w, targets, chunk_size, lm_head_bias=b)
+            logps, entropy = token_logps_and_entropy(h, head(w, b), targets, chunk_size)
             assert not entropy.requires_grad
         else:
             logps, _ = _naive_logps_and_entropy(h, w, b, targets)
@@ -196,7 +202,7 @@ def test_chunked_policy_pass_saves_no_logits_tensor_for_backward():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        token_logps_and_entropy(hidden, weight, targets, chunk_size=4)
+        token_logps_and_entropy(hidden, head(weight, None), targets, chunk_size=4)
         assert saved_shapes and not any(len(shape) == 3 and shape[-1] == vocab for shape in saved_shapes)
         saved_shapes.clear()
         _naive_logps_and_entropy(hidden, weight, None, targets)

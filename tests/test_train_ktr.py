@@ -2,6 +2,7 @@
 uninterrupted run, multi-process replicas stay identical, bad config stops before any work."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,10 @@ def run(args, num_processes=1, config=None, port=None, expect=0):
 
 def weights(out):
     return load_file(out / "final" / "model.safetensors")
+
+
+def weights_of(model_dir):
+    return load_file(model_dir / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -82,33 +87,52 @@ def test_grpo_config_selects_every_token(answering_model_dir, tiny_world_dir, tm
     assert metrics["selected/union"] == 1.0 and "selected/visual" not in metrics
 
 
-def cpu_accelerate_config(tmp_path, name: str) -> str:
-    """One of the shipped configs/accelerate files, switched to 2 CPU processes in float32."""
+def cpu_accelerate_config(tmp_path, name: str, deepspeed: bool = False) -> str:
+    """One of the shipped configs/accelerate files for this CPU machine in float32: 2 processes, or
+    for DeepSpeed 1 (accelerate starts DeepSpeed only when not told to use the CPU)."""
     config = yaml.safe_load((ROOT / "configs" / "accelerate" / name).read_text())
-    config.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    config.update(num_processes=1 if deepspeed else 2, use_cpu=not deepspeed, mixed_precision="no")
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
 
-@pytest.mark.parametrize(("accelerate_config", "port"), [(None, 29633), ("zero2.yaml", 29634), ("zero3.yaml", 29635)])
-def test_two_processes_train_and_keep_replicas_identical(answering_model_dir, tiny_world_dir, tmp_path,
-                                                         accelerate_config, port):
+def test_two_processes_train_and_keep_replicas_identical(answering_model_dir, tiny_world_dir, tmp_path):
     out = tmp_path / "dist"
-    args = ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "max_steps=3", "batch_size=1")
-    if accelerate_config is None:
-        run(args, num_processes=2, port=port)
-    else:
-        cmd = launch_command("train_ktr.py", args, num_processes=2, main_process_port=port,
-                             accelerate_config=cpu_accelerate_config(tmp_path, accelerate_config))
-        proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run(ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "max_steps=3", "batch_size=1"),
+               num_processes=2, port=29633)
+    assert "accelerate: MULTI_CPU, 2 process(es)" in proc.stdout
     metrics = read_jsonl(out / "metrics.jsonl")
     assert any(m["grad_norm"] > 0 for m in metrics), "no step had a gradient: the test would prove nothing"
-    assert (out / "final" / "model.safetensors").exists()
-    if accelerate_config != "zero3.yaml":  # under ZeRO-3 each rank holds a shard: nothing to compare
-        replicas = json.loads((out / "replicas.json").read_text())
-        assert len(replicas["param_checksums"]) == 2 and replicas["agree"]
+    # the reference equals the policy before the first update: KL 0, then the policy moves away
+    assert abs(metrics[0]["kl"]) < 1e-6 and any(m["kl"] > 1e-6 for m in metrics[1:]), [m["kl"] for m in metrics]
+    replicas = json.loads((out / "replicas.json").read_text())
+    assert len(replicas["param_checksums"]) == 2 and replicas["agree"]
+
+
+@pytest.mark.parametrize(("accelerate_config", "stage"), [("zero2.yaml", 2), ("zero3.yaml", 3)])
+def test_deepspeed_configs_train(answering_model_dir, tiny_world_dir, tmp_path, accelerate_config, stage):
+    """The shipped DeepSpeed configs, really through DeepSpeed (its CPU accelerator, one process:
+    see common.launch.make_accelerator): the engine steps, ZeRO-3 gathers the weights to generate,
+    shards the reference model, and the saved model is whole."""
+    out = tmp_path / "ds"
+    args = ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "max_steps=3", "batch_size=1")
+    cmd = launch_command("train_ktr.py", args, num_processes=1, main_process_port=29634 + stage,
+                         accelerate_config=cpu_accelerate_config(tmp_path, accelerate_config, deepspeed=True))
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(deepspeed=True), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"accelerate: DEEPSPEED ZeRO-{stage}, 1 process(es) on cpu" in proc.stdout
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert abs(metrics[0]["kl"]) < 1e-6 and any(m["kl"] > 1e-6 for m in metrics[1:]), [m["kl"] for m in metrics]
+    if stage == 3:
+        assert re.search(r"reference model sharded by ZeRO-3: \d+ of \d+ parameters", proc.stdout)
+    # the saved model is the loaded checkpoint moved by 3 Adam steps of lr 1e-3 (a mis-loaded or
+    # mis-saved model would differ everywhere, by far more)
+    before, after = weights_of(answering_model_dir), weights(out)
+    assert before.keys() == after.keys() and all(after[k].shape == before[k].shape for k in before)
+    moved = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert 0 < moved < 0.01, moved
 
 
 @pytest.mark.parametrize(("override", "key"), [("attribution.visual_ratio=-0.1", "attribution.visual_ratio"),

@@ -71,3 +71,30 @@ def test_broken_video_is_recorded_and_skipped_or_stops_the_run(tiny_model_dir, t
     proc = subprocess.run([sys.executable, "train_sft.py", *base, f"output_dir={tmp_path / 'stop'}",
                            "on_bad_video=stop"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and record["path"].split("/")[-1] in proc.stderr
+
+
+def test_deepspeed_zero3_trains_with_accumulation_and_saves_a_whole_model(tiny_model_dir, tiny_world_dir, tmp_path):
+    """configs/accelerate/zero3.yaml really through DeepSpeed (CPU accelerator, one process): the
+    script's batch and accumulation reach DeepSpeed's config, and the final model is whole and loads."""
+    import yaml
+
+    from common.launch import cpu_launch_env, launch_command
+
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / "zero3.yaml").read_text())
+    config.update(num_processes=1, use_cpu=False, mixed_precision="no")
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(config))
+    args = [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}", "frames.num=4", "batch_size=2",
+            "grad_accum=2", "max_steps=2", "lr=1e-3", "log_every=1", f"output_dir={tmp_path / 'out'}"]
+    cmd = launch_command("train_sft.py", args, num_processes=1, accelerate_config=str(tmp_path / "zero3.yaml"),
+                         main_process_port=29641)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(deepspeed=True), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "accelerate: DEEPSPEED ZeRO-3, 1 process(es) on cpu" in proc.stdout
+    assert [m["step"] for m in read_jsonl(tmp_path / "out" / "metrics.jsonl")] == [1, 2]
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "out" / "final" /
+                                                                                "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = max((after[k] - before[k]).abs().max().item() for k in before)
+    assert 0 < moved < 0.01, moved  # 2 Adam steps of lr 1e-3 from the loaded weights
+    load_model(tmp_path / "out" / "final")
