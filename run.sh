@@ -41,7 +41,7 @@ case "${1:-tiny}" in
     ;;
   tiny)  # synthetic world -> tiny model -> SFT -> labels -> Voyager -> GRPO / KTR -> evaluations
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
-    OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-2000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-1200}
+    OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-2000}
     N_LABEL=${N_LABEL:-800} RL_STEPS=${RL_STEPS:-60}
     DATA=$OUT/data SFT=$OUT/sft/final
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
