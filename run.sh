@@ -60,6 +60,7 @@ case "${1:-tiny}" in
     for run in sft grpo ktr; do  # question answering with 8 uniform frames
       stage eval_$run $OUT/eval/${run}_uniform/summary.json $EVAL model=$OUT/$run/final output_dir=$OUT/eval/${run}_uniform
     done
+    stage eval_sft_all $OUT/eval/sft_all/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_all frames.strategy=all
     EVAL4="$EVAL model=$SFT frames.num=4"  # frame selection: T = 4 frames for the SFT model
     stage eval_uniform4   $OUT/eval/sft_uniform4/summary.json    $EVAL4 output_dir=$OUT/eval/sft_uniform4
     stage eval_retrieval4 $OUT/eval/sft_retrieval4/summary.json  $EVAL4 output_dir=$OUT/eval/sft_retrieval4 \

@@ -327,13 +327,15 @@ def meta_model(arch: dict = QWEN2_5_VL_7B):
 def zero3_memory_gib(n_params: int, n_trainable: int, gpus: int, with_reference: bool) -> dict[str, float]:
     """Per-GPU memory for weights and optimizer under ZeRO-3 with bf16 + AdamW (fp32 master weights and
     two moments: 12 bytes per trainable parameter), activations excluded. The reference model is
-    loaded whole on every rank in bf16 (train_ktr does not shard it)."""
+    sharded like the policy (train_ktr.prepare_reference); generation gathers the whole policy for
+    the length of a `generate` call."""
     gib = 1024**3
     out = {"policy weights (bf16, sharded)": 2 * n_params / gpus / gib,
            "gradients (bf16, sharded)": 2 * n_trainable / gpus / gib,
            "AdamW states + fp32 master (sharded)": 12 * n_trainable / gpus / gib}
     if with_reference:
-        out["reference model (bf16, whole)"] = 2 * n_params / gib
+        out["reference model (bf16, sharded)"] = 2 * n_params / gpus / gib
+    out["policy gathered for generation (bf16, transient)"] = 2 * n_params / gib
     out["total before activations"] = sum(out.values())
     return out
 
@@ -357,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"Qwen2.5-VL-7B: {n / 1e9:.2f}B parameters ({trainable / 1e9:.2f}B trained), "
               f"{len(model.model.language_model.layers)} language layers; video token {ids.video}, image {ids.image}")
         for name, value in zero3_memory_gib(n, trainable, args.gpus, with_reference=True).items():
-            print(f"  {name:<40}{value:6.1f} GiB per GPU ({args.gpus} GPUs)")
+            print(f"  {name:<50}{value:6.1f} GiB per GPU ({args.gpus} GPUs)")
         return
     spec = TinySpec(**{k: getattr(args, k) for k in TinySpec().__dict__})
     out = build_tiny(args.out, spec)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common.jsonl import read_jsonl, write_json
 
-QA_RUNS = {"sft": "sft_uniform", "grpo": "grpo_uniform", "ktr": "ktr_uniform"}
+QA_RUNS = {"sft": "sft_uniform", "grpo": "grpo_uniform", "ktr": "ktr_uniform", "sft_all_frames": "sft_all"}
 FRAME_RUNS = {"uniform": "sft_uniform4", "retrieval": "sft_retrieval4", "voyager": "sft_voyager4",
               "voyager_m32": "sft_voyager4_m32"}
 
@@ -163,7 +163,7 @@ def markdown(results: dict, images: list[str]) -> str:
     lines = [f"# Results ({results['date']})", ""]
     if results["qa"]:
         families = sorted({f for e in results["qa"].values() for f in e["by_family"]})
-        lines += ["## Question answering (uniform frames)", "",
+        lines += ["## Question answering (8 uniform frames; sft_all_frames: every frame)", "",
                   "| model | accuracy | " + " | ".join(families) + " |",
                   "|---|---|" + "---|" * len(families)]
         for name, e in results["qa"].items():

@@ -11,7 +11,9 @@ probe different abilities, so a pipeline can be checked end to end on data whose
               which is what makes frame selection matter.
 
 Every record carries `evidence_frames` (frame numbers where the answer can be seen) and a short
-reference `process` that states the observation and links it to the option letter. Output is
+reference `process` that states the observation and links it to the option letter. Colour options
+are listed in a fixed palette order (count lists 1-4), which keeps the answer letter uniform but
+makes finding it learnable for a tiny model (see `_choices`). Output is
 deterministic for a seed: each sample draws from its own Generator seeded by (seed, split, index),
 so a sample does not depend on how many others are generated, and x264 runs single-threaded.
 
