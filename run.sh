@@ -42,7 +42,7 @@ case "${1:-tiny}" in
   tiny)  # synthetic world -> tiny model -> SFT -> labels -> Voyager -> GRPO / KTR -> evaluations
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
     OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-2000}
-    N_LABEL=${N_LABEL:-800} RL_STEPS=${RL_STEPS:-60}
+    N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-60}
     DATA=$OUT/data SFT=$OUT/sft/final
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
     stage model   $OUT/model/config.json      python -m common.models build-tiny --out $OUT/model --max-pixels 3136 --seed 0
@@ -61,14 +61,13 @@ case "${1:-tiny}" in
       stage eval_$run $OUT/eval/${run}_uniform/summary.json $EVAL model=$OUT/$run/final output_dir=$OUT/eval/${run}_uniform
     done
     stage eval_sft_all $OUT/eval/sft_all/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_all frames.strategy=all
-    EVAL4="$EVAL model=$SFT frames.num=4"  # frame selection: T = 4 frames for the SFT model
-    stage eval_uniform4   $OUT/eval/sft_uniform4/summary.json    $EVAL4 output_dir=$OUT/eval/sft_uniform4
-    stage eval_retrieval4 $OUT/eval/sft_retrieval4/summary.json  $EVAL4 output_dir=$OUT/eval/sft_retrieval4 \
-      frames.strategy=retrieval frames.candidates=16
-    stage eval_voyager4   $OUT/eval/sft_voyager4/summary.json    $EVAL4 output_dir=$OUT/eval/sft_voyager4 \
-      frames.strategy=voyager frames.voyager=$OUT/voyager frames.candidates=16
-    stage eval_voyager4_m32 $OUT/eval/sft_voyager4_m32/summary.json $EVAL4 output_dir=$OUT/eval/sft_voyager4_m32 \
-      frames.strategy=voyager frames.voyager=$OUT/voyager frames.candidates=32
+    # frame selection: the SFT model's 8 frames picked from M = 16 (or 32) uniform candidates; uniform = eval_sft
+    for m in 16 32; do
+      stage eval_retrieval_m$m $OUT/eval/sft_retrieval_m$m/summary.json $EVAL model=$SFT \
+        output_dir=$OUT/eval/sft_retrieval_m$m frames.strategy=retrieval frames.candidates=$m
+      stage eval_voyager_m$m $OUT/eval/sft_voyager_m$m/summary.json $EVAL model=$SFT \
+        output_dir=$OUT/eval/sft_voyager_m$m frames.strategy=voyager frames.voyager=$OUT/voyager frames.candidates=$m
+    done
     python -m common.results --out $OUT
     ;;
   paper)  # Qwen2.5-VL-7B: CoT SFT -> GRPO / KTR (ZeRO-3, 8 GPUs) -> label -> Voyager -> benchmarks

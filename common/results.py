@@ -17,8 +17,8 @@ from pathlib import Path
 from common.jsonl import read_jsonl, write_json
 
 QA_RUNS = {"sft": "sft_uniform", "grpo": "grpo_uniform", "ktr": "ktr_uniform", "sft_all_frames": "sft_all"}
-FRAME_RUNS = {"uniform": "sft_uniform4", "retrieval": "sft_retrieval4", "voyager": "sft_voyager4",
-              "voyager_m32": "sft_voyager4_m32"}
+FRAME_RUNS = {"uniform": "sft_uniform", "retrieval": "sft_retrieval_m16", "voyager": "sft_voyager_m16",
+              "retrieval_m32": "sft_retrieval_m32", "voyager_m32": "sft_voyager_m32"}
 
 
 def informative_spans(text: str, words: list[str]) -> list[tuple[int, int]]:
@@ -172,7 +172,7 @@ def markdown(results: dict, images: list[str]) -> str:
         lines.append("")
     if results["frame_selection"]:
         families = sorted({f for e in results["frame_selection"].values() for f in e["by_family"]})
-        lines += ["## Frame selection (SFT model answering)", "",
+        lines += ["## Frame selection (the SFT model sees 8 frames picked from M = 16 candidates, or 32)", "",
                   "| strategy | accuracy | evidence recall | moment accuracy | moment evidence recall |",
                   "|---|---|---|---|---|"]
         for name, e in results["frame_selection"].items():

@@ -70,7 +70,7 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
     # every stage that reads videos reports the broken ones and why, and finishes the rest
     skipped = a["skipped"]
     assert skipped["sft"]["n"] >= 2 and skipped["labels"]["n"] == 2, skipped
-    assert {"eval/sft_uniform", "eval/ktr_uniform", "eval/sft_voyager4"} <= set(skipped)
+    assert {"eval/sft_uniform", "eval/ktr_uniform", "eval/sft_voyager_m16"} <= set(skipped)
     assert all(skipped[f"eval/{run}"]["n"] == 1 for run in ("sft_uniform", "grpo_uniform", "ktr_uniform"))
     assert all(e["n"] == len(e["reasons"]) and all("mp4" in r for r in e["reasons"]) for e in skipped.values())
     assert a["qa"]["sft"]["n"] == 8 and a["qa"]["sft"]["n_failed"] == 1
