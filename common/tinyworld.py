@@ -268,7 +268,11 @@ def encode(path: str | Path, video: np.ndarray, fps: int = 8) -> None:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
-        stream.options = {"crf": CRF, "preset": "veryfast", "threads": "1"}
+        stream.options = {"crf": CRF, "preset": "veryfast"}
+        # One encoder thread, set on the codec context: PyAV leaves thread_count at 0 (auto) and
+        # the "threads" option did not override it; with auto threads about 1 video in 200 came
+        # out different from one run to the next.
+        stream.codec_context.thread_count = 1
         for frame in video:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
