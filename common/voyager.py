@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,6 +70,15 @@ def voyager_query(problem: str, options: Sequence[str] = ()) -> str:
     """The text a scorer reads: the question and its options (the answer format instructions carry no
     information about which frames matter)."""
     return "\n".join([problem.strip(), *(o.strip() for o in options)])
+
+
+def pick_top_frames(sample, candidates: int, num: int, score: Callable[[Clip, str], torch.Tensor]) -> Clip:
+    """The `num` best of `candidates` uniform frames by `score(clip, query)`, in temporal order
+    (the frame selectors' shared step; a video with no more than `num` frames is returned whole)."""
+    clip = read_candidates(sample.path, candidates, num)
+    if len(clip.indices) == num:
+        return clip
+    return subclip(clip, select_top(score(clip, voyager_query(sample.problem, sample.options)).cpu(), num))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,11 +269,7 @@ class VoyagerSelector:
         return self.heads(frames, q)
 
     def __call__(self, sample) -> Clip:
-        clip = read_candidates(sample.path, self.candidates, self.num)
-        if len(clip.indices) == self.num:
-            return clip
-        rewards = self.frame_rewards(clip, voyager_query(sample.problem, sample.options))
-        return subclip(clip, select_top(rewards.cpu(), self.num))
+        return pick_top_frames(sample, self.candidates, self.num, self.frame_rewards)
 
 
 class RetrievalSelector:
@@ -311,11 +316,7 @@ class RetrievalSelector:
         return F.cosine_similarity(image.float(), text.float(), dim=-1)
 
     def __call__(self, sample) -> Clip:
-        clip = read_candidates(sample.path, self.candidates, self.num)
-        if len(clip.indices) == self.num:
-            return clip
-        scores = self.frame_scores(clip, voyager_query(sample.problem, sample.options))
-        return subclip(clip, select_top(scores.cpu(), self.num))
+        return pick_top_frames(sample, self.candidates, self.num, self.frame_scores)
 
 
 def _features(output) -> torch.Tensor:
