@@ -1,4 +1,4 @@
-"""Evaluate a Video-LLM on Video-R1-format data: choose frames -> answer greedily -> score -> summarise.
+"""Evaluate a Video-LLM on Video-R1-format data: choose frames -> answer -> score -> summarise.
 
     python eval.py --config configs/eval.yaml model=PATH data=FILE output_dir=DIR frames.strategy=uniform frames.num=8
     accelerate launch eval.py --config configs/eval.yaml ...      # each process answers a shard
@@ -7,6 +7,10 @@ Writes DIR/predictions.jsonl (one line per sample), DIR/summary.json and DIR/con
 Rerunning with the same output_dir skips the samples already answered; an interruption loses at
 most the batch in flight. A sample whose video cannot be read is recorded as failed, with the
 reason, and the run goes on.
+
+Decoding is exactly `temperature` / `top_p` / `top_k` (0 = greedy), whatever the checkpoint's
+generation_config.json says (common.models.generate_exact). With sampling, batch k is seeded from
+(seed, k), so a rerun, a resumed run or a different number of processes gives the same predictions.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from common.data import Sample, build_prompt, load_samples, solution_answer
 from common.frames import FramesConfig, load_visual, make_selector
 from common.jsonl import append_jsonl, merge_shards, read_jsonl, write_json
 from common.launch import make_accelerator
-from common.models import load_model, load_processor, model_inputs, model_path_ok, visual_tokens
+from common.models import generate_exact, load_model, load_processor, model_inputs, model_path_ok, visual_tokens
 from common.rewards import accuracy_reward, extract_answer
 from common.video import VideoError
 
@@ -39,6 +43,9 @@ class Config:
     frames: FramesConfig = field(default_factory=FramesConfig)
     batch_size: int = 8
     max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy; > 0 samples (seeded per batch)
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    top_k: int = 0  # top-k sampling; 0 = off
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str = ""  # e.g. flash_attention_2 on GPUs; empty = transformers' default
     limit: int = 0  # evaluate only the first N samples (0 = all)
@@ -47,14 +54,24 @@ class Config:
     def validate(self) -> None:
         require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         require(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        require(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         require(self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
         require(model_path_ok(self.model), "model", f"no such path: {self.model}")
         require(Path(self.data).is_file(), "data", f"no such file: {self.data}")
         self.frames.validate()
 
+    def decoding(self) -> dict:
+        """generate_exact's decoding arguments (also recorded in summary.json)."""
+        if self.temperature == 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens}
+
 
 def answer_batch(model, processor, batch: list[Sample], select, cfg: Config, bad_words: list[list[int]]) -> list[dict]:
-    """Frames, greedy answers and rewards for one batch; unreadable media become failed rows."""
+    """Frames, answers and rewards for one batch; unreadable media become failed rows."""
     rows, ready, visuals, frame_indices = [], [], [], []
     for sample in batch:
         try:
@@ -69,8 +86,7 @@ def answer_batch(model, processor, batch: list[Sample], select, cfg: Config, bad
         return rows
     inputs = model_inputs(processor, [build_prompt(s) for s in ready], visuals).to(model.device)
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                   bad_words_ids=bad_words)
+        generated = generate_exact(model, inputs, bad_words_ids=bad_words, **cfg.decoding())
     texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     for sample, text, indices in zip(ready, texts, frame_indices, strict=True):
         reward = accuracy_reward(text, sample.solution, sample.problem_type, mode="eval")
@@ -145,18 +161,20 @@ def main() -> None:
     # Batches are fixed over the whole dataset and dealt round-robin to processes, so a batch
     # holds the same samples (and padding) whatever the number of processes.
     batches = [samples[i: i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
-    mine = [[s for s in b if s.problem_id not in done] for k, b in enumerate(batches)
+    mine = [(k, [s for s in b if s.problem_id not in done]) for k, b in enumerate(batches)
             if k % accelerator.num_processes == accelerator.process_index]
-    mine = [b for b in mine if b]
+    mine = [(k, b) for k, b in mine if b]
     if mine:
         model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation or None, device=accelerator.device)
         model.eval()
-        processor = load_processor(cfg.model)
+        processor = load_processor(cfg.model, cfg.frames)
         select = make_selector(cfg.frames, model=model, processor=processor)
         bad_words = [[t] for t in visual_tokens(model.config).placeholders]
-        bar = tqdm(total=sum(map(len, mine)), unit="sample", desc=f"eval rank {accelerator.process_index}",
+        bar = tqdm(total=sum(len(b) for _, b in mine), unit="sample", desc=f"eval rank {accelerator.process_index}",
                    disable=not accelerator.is_local_main_process)
-        for batch in mine:
+        for k, batch in mine:
+            # The batch's own seed: sampled answers do not depend on what ran before it on this process.
+            torch.manual_seed(cfg.seed * 1_000_003 + k)
             append_jsonl(shard_path, answer_batch(model, processor, batch, select, cfg, bad_words))
             bar.update(len(batch))
         bar.close()
@@ -164,7 +182,8 @@ def main() -> None:
     if accelerator.is_main_process:
         merge_shards(out, "predictions", [s.problem_id for s in samples])
         summary = summarize(read_jsonl(merged_path))
-        summary.update(model=cfg.model, data=cfg.data, frames=cfg.frames.strategy, time=time.strftime("%F %T"))
+        summary.update(model=cfg.model, data=cfg.data, frames=cfg.frames.strategy,
+                       decoding={**cfg.decoding(), "seed": cfg.seed}, time=time.strftime("%F %T"))
         write_json(out / "summary.json", summary)
         print_table(summary, f"{cfg.model} on {cfg.data} (frames: {cfg.frames.strategy})")
         print(f"predictions -> {merged_path}\nsummary -> {out / 'summary.json'}")

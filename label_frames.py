@@ -55,9 +55,10 @@ from tqdm import tqdm
 
 from common.config import parse_config, require, save_config
 from common.data import Sample, build_prompt, build_target, load_samples
+from common.frames import FramesConfig, require_pixel_budget
 from common.jsonl import append_jsonl, merge_shards, read_jsonl, write_json
 from common.launch import make_accelerator
-from common.models import chat_text, load_model, load_processor, model_inputs, model_path_ok
+from common.models import chat_text, load_model, load_processor, model_inputs, model_path_ok, video_max_pixels
 from common.video import Clip, VideoError, probe, read_frames
 from common.voyager import subclip
 
@@ -77,6 +78,9 @@ class Config:
     families: list[str] = field(default_factory=list)  # label only these question families; empty = all
     limit: int = 0  # label only the first N samples (after the family filter); 0 = all
     batch_size: int = 64  # combinations per forward
+    # Pixel budget per frame (the processor's size["longest_edge"]); 0 = the model's saved default. Label
+    # at the resolution the answering model sees at eval (its frames.max_pixels).
+    max_pixels: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str = ""
     seed: int = 0
@@ -89,6 +93,7 @@ class Config:
         require(0.0 <= self.refine_fraction < 1.0, "refine_fraction", "must be in [0, 1)")
         require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         require(self.limit >= 0, "limit", f"must be >= 0, got {self.limit}")
+        require_pixel_budget(self.max_pixels, "max_pixels")
         require(model_path_ok(self.model), "model", f"no such path: {self.model}")
         require(Path(self.data).is_file(), "data", f"no such file: {self.data}")
 
@@ -293,6 +298,7 @@ def label_sample(model, processor, sample: Sample, cfg: Config) -> dict:
             "candidate_timestamps": [round(x, 4) for x in clip.timestamps], "fps": clip.fps,
             "total_frames": clip.total_frames, "combinations": [list(c) for c in combos],
             "losses": [round(x, 6) for x in losses], "label_model": cfg.model, "target": cfg.target,
+            "max_pixels": video_max_pixels(processor),
             "problem": sample.problem, "options": sample.options, "problem_type": sample.problem_type,
             "question_family": sample.question_family, "evidence_frames": sample.evidence_frames}
 
@@ -327,7 +333,7 @@ def main() -> None:
     if mine:
         model = load_model(cfg.model, cfg.dtype, cfg.attn_implementation or None, device=accelerator.device)
         model.eval()
-        processor = load_processor(cfg.model)
+        processor = load_processor(cfg.model, FramesConfig(max_pixels=cfg.max_pixels))
         bar = tqdm(mine, unit="sample", desc=f"label rank {rank}", disable=not accelerator.is_local_main_process)
         for sample in bar:
             if sample.data_type != "video":

@@ -89,9 +89,9 @@ case "${1:-tiny}" in
     $RUN stage ktr   $OUT/ktr/final/config.json  $LAUNCH train_ktr.py --config configs/ktr.yaml data=$RL_DATA
     $RUN stage label $OUT/label/summary.json     $LAUNCH label_frames.py --config configs/label.yaml model=$OUT/sft/final data=$LABEL_DATA
     $RUN stage voyager $OUT/voyager/voyager.json python train_voyager.py --config configs/voyager.yaml model=$OUT/sft/final
-    for run in sft grpo ktr; do for b in $BENCHMARKS; do for n in 16 32 64; do
+    for run in sft grpo ktr; do for b in $BENCHMARKS; do for n in 16 32 64; do  # up to n frames at 2 fps
       $RUN stage eval_${run}_${b}_$n $OUT/eval/${run}_${b}_$n/summary.json $LAUNCH eval.py --config configs/eval.yaml \
-        model=$OUT/$run/final data=$BENCH_DIR/$b.json output_dir=$OUT/eval/${run}_${b}_$n frames.num=$n
+        model=$OUT/$run/final data=$BENCH_DIR/$b.json output_dir=$OUT/eval/${run}_${b}_$n frames.max_frames=$n
     done; done; done
     ;;
   *)

@@ -91,7 +91,7 @@ def main() -> None:
 
     resume_from = latest_checkpoint(out) if cfg.resume else None
     model = load_model(resume_from or cfg.model, attn_implementation=cfg.attn_implementation or None)
-    processor = load_processor(cfg.model)
+    processor = load_processor(cfg.model, cfg.frames)
     tokenizer = processor.tokenizer
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -31,9 +31,10 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from common.config import parse_config, require, save_config
+from common.frames import FramesConfig, require_pixel_budget
 from common.jsonl import append_jsonl, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
-from common.models import load_model, load_processor, model_path_ok
+from common.models import load_model, load_processor, model_path_ok, video_max_pixels
 from common.video import VideoError, read_frames, uniform_indices
 from common.voyager import (
     VoyagerHeads,
@@ -63,6 +64,7 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 0.01
     val_fraction: float = 0.1
+    max_pixels: int = 0  # per-frame pixel cap of the backbone's processor; 0 = the one the labels were made at
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # backbone dtype
     log_every: int = 20
     seed: int = 0
@@ -75,6 +77,7 @@ class Config:
             require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         require(self.combos_per_sample >= 0, "combos_per_sample", "must be >= 0")
         require(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        require_pixel_budget(self.max_pixels, "max_pixels")
 
 
 @dataclass
@@ -174,7 +177,8 @@ def main() -> None:
 
     # Features, each process for its round-robin shard.
     model = load_model(backbone, cfg.dtype, device=accelerator.device).eval()
-    processor = load_processor(backbone)
+    # Features at the labels' resolution unless told otherwise (older labels carry no budget: saved default).
+    processor = load_processor(backbone, FramesConfig(max_pixels=cfg.max_pixels or rows[0].get("max_pixels", 0)))
     show = accelerator.is_local_main_process
     start = time.time()
     train, skipped = extract(model, processor, train_rows[rank::world], cfg.layers, "features (train)", show)
@@ -184,7 +188,8 @@ def main() -> None:
     fingerprint = backbone_fingerprint(model)
     spec = VoyagerSpec(backbone=backbone, layers=cfg.layers, hidden_size=fingerprint["hidden_size"], dim=cfg.dim,
                        token_pool=cfg.token_pool, fingerprint=fingerprint,
-                       candidates=len(rows[0]["candidate_indices"]), num_frames=num_frames)
+                       candidates=len(rows[0]["candidate_indices"]), num_frames=num_frames,
+                       max_pixels=video_max_pixels(processor))
     del model
 
     heads = VoyagerHeads(spec.hidden_size, cfg.dim, cfg.token_pool)

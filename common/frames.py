@@ -26,6 +26,12 @@ class FramesConfig:
     num: int = 8  # frames given to the model (uniform; top-T for voyager / retrieval)
     fps: float = 1.0  # sampling rate for strategy=fps
     max_frames: int = 64  # cap for strategy=fps and strategy=all
+    # strategy=fps: with min_frames > 0 the count follows qwen-vl-utils (Video-R1): duration * fps clamped to
+    # [min_frames, max_frames] and the frame count, rounded down to even (2 frames = 1 temporal patch),
+    # spread uniformly. 0 = the plain per-interval sampling.
+    min_frames: int = 0
+    max_pixels: int = 0  # pixel budget per video frame (processor size["longest_edge"]); 0 = processor default
+    image_max_pixels: int = 0  # pixel budget per image; 0 = processor default
     candidates: int = 16  # M candidate frames scored by voyager / retrieval
     voyager: str = ""  # directory of a trained Frame-Voyager (voyager.json + voyager.safetensors)
     retrieval_model: str = ""  # CLIP/SigLIP path for retrieval; empty = the answering model's embeddings
@@ -34,11 +40,24 @@ class FramesConfig:
         require(self.num > 0, f"{prefix}.num", f"must be > 0, got {self.num}")
         require(self.fps > 0, f"{prefix}.fps", f"must be > 0, got {self.fps}")
         require(self.max_frames > 0, f"{prefix}.max_frames", f"must be > 0, got {self.max_frames}")
+        require(self.min_frames >= 0, f"{prefix}.min_frames", f"must be >= 0 (0 = off), got {self.min_frames}")
+        if self.min_frames:
+            require(self.min_frames <= self.max_frames, f"{prefix}.min_frames",
+                    f"{self.min_frames} must be <= {prefix}.max_frames={self.max_frames}")
+            require(self.max_frames >= 2, f"{prefix}.max_frames",
+                    f"must be >= 2 with {prefix}.min_frames (counts are even), got {self.max_frames}")
+        for key in ("max_pixels", "image_max_pixels"):
+            require_pixel_budget(getattr(self, key), f"{prefix}.{key}")
         if self.strategy in ("voyager", "retrieval"):
             require(self.num <= self.candidates, f"{prefix}.num",
                     f"T={self.num} must be <= {prefix}.candidates M={self.candidates}")
         if self.strategy == "voyager":
             require(bool(self.voyager), f"{prefix}.voyager", "strategy=voyager needs the Voyager directory")
+
+
+def require_pixel_budget(value: int, key: str) -> None:
+    """A pixel budget is 0 (the processor's saved default) or at least one 28 x 28 merged patch."""
+    require(value == 0 or value >= 28 * 28, key, f"must be 0 (processor default) or >= {28 * 28}, got {value}")
 
 
 Selector = Callable[[Sample], Clip]
@@ -53,7 +72,8 @@ def make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
     if cfg.strategy == "uniform":
         return lambda sample: read_frames(sample.path, num_frames=cfg.num)
     if cfg.strategy == "fps":
-        return lambda sample: read_frames(sample.path, fps=cfg.fps, max_frames=cfg.max_frames)
+        return lambda sample: read_frames(sample.path, fps=cfg.fps, max_frames=cfg.max_frames,
+                                          min_frames=cfg.min_frames or None)
     if cfg.strategy == "all":
         return lambda sample: read_frames(sample.path, max_frames=cfg.max_frames)
     if cfg.strategy == "voyager":  # the scorer (and its backbone, if not the answering model) loads once, here

@@ -4,8 +4,9 @@ Everything goes through the Auto classes, so a real checkpoint (a local path or 
 tiny model built by `python -m common.models build-tiny --out DIR` take the same path:
 
     model = load_model(path, dtype="bfloat16", attn_implementation="flash_attention_2")
-    processor = load_processor(path)
+    processor = load_processor(path, frames_cfg)      # frames_cfg: pixel budgets (optional)
     inputs = model_inputs(processor, [prompt], [clip])
+    ids = generate_exact(model, inputs, max_new_tokens=64, do_sample=False)
 
 Placeholder token ids (video / image / vision start / end) are read from the model config,
 never hard-coded.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from common.frames import FramesConfig
     from common.video import Clip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,13 +93,81 @@ def load_model(path: str | Path, dtype: str = "float32", attn_implementation: st
     return model
 
 
-def load_processor(path: str | Path):
-    """The model's processor; left padding so batched generation appends after every prompt."""
+def load_processor(path: str | Path, frames: FramesConfig | None = None):
+    """The model's processor; left padding so batched generation appends after every prompt.
+
+    With `frames`, its pixel budgets (`max_pixels` per video frame, `image_max_pixels` per image;
+    0 = the processor's saved default) are applied once here, so every stage that passes its frames
+    config feeds the model the same resolution.
+    """
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "left"
+    if frames is not None:
+        apply_pixel_budget(processor, frames.max_pixels, frames.image_max_pixels)
     return processor
+
+
+def _cap_size(sub_processor, max_pixels: int, name: str) -> None:
+    size = getattr(sub_processor, "size", None)
+    if size is None or size.get("shortest_edge") is None or size.get("longest_edge") is None:
+        raise ValueError(f"{name} {type(sub_processor).__name__} has no pixel-count size (size={size!r}); "
+                         "pixel budgets need a Qwen2-VL-style processor")
+    # Qwen2-VL processors resize each frame to at most size["longest_edge"] pixels (smart_resize on the
+    # 28-px grid); the minimum moves down with it, so a budget below the saved minimum still binds.
+    sub_processor.size = type(size)(shortest_edge=min(size["shortest_edge"], max_pixels), longest_edge=max_pixels)
+
+
+def apply_pixel_budget(processor, max_pixels: int = 0, image_max_pixels: int = 0) -> None:
+    """Cap the pixels per video frame / per image of a Qwen2-VL-style processor in place (0 = leave as saved)."""
+    if max_pixels:
+        _cap_size(processor.video_processor, max_pixels, "video processor")
+    if image_max_pixels:
+        _cap_size(processor.image_processor, image_max_pixels, "image processor")
+
+
+def video_max_pixels(processor) -> int:
+    """The per-frame pixel cap the processor applies now (its size["longest_edge"])."""
+    return int(processor.video_processor.size["longest_edge"])
+
+
+def generate_exact(model, inputs: Mapping, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
+                   top_p: float = 1.0, top_k: int = 0, num_return_sequences: int = 1,
+                   bad_words_ids: list[list[int]] | None = None, synced_gpus: bool | None = None) -> torch.Tensor:
+    """`model.generate` decoding with exactly these parameters; returns prompt + completion ids.
+
+    transformers fills every generation parameter we leave unset from the checkpoint's
+    generation_config.json, even when we pass our own GenerationConfig: Qwen2.5-VL ships
+    repetition_penalty=1.05, top_k, top_p, temperature and do_sample, which would silently change
+    what we sample and what "greedy" means. So for the length of the call the model's generation
+    config is swapped for a fresh one that keeps only the special token ids, and every sampling
+    parameter is set here. `top_k=0` means no top-k filter (transformers' own default would be 50).
+    """
+    from transformers import GenerationConfig
+
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    saved = model.generation_config
+    ids = {k: getattr(saved, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+    neutral = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0,
+                   eta_cutoff=0.0, encoder_repetition_penalty=1.0, min_length=0, num_beams=1, length_penalty=1.0)
+    if do_sample:
+        sampling = dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+    else:  # transformers' neutral values: unused by greedy search, and they raise no "flag ignored" warning
+        sampling = dict(temperature=1.0, top_p=1.0, top_k=50)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, bad_words_ids=bad_words_ids,
+                              num_return_sequences=num_return_sequences, **neutral, **sampling, **ids)
+    model.generation_config = GenerationConfig(**ids)
+    try:
+        return model.generate(**inputs, generation_config=config, synced_gpus=synced_gpus)
+    finally:
+        model.generation_config = saved
 
 
 def chat_messages(prompt: str, data_type: str = "video") -> list[dict]:

@@ -145,6 +145,19 @@ def fps_indices(total_frames: int, video_fps: float, fps: float, max_frames: int
     return out
 
 
+def qwen_frame_count(total_frames: int, video_fps: float, fps: float, min_frames: int, max_frames: int) -> int:
+    """How many frames qwen-vl-utils (Video-R1's reader) samples at `fps`: the video's duration * fps,
+    clamped to [min_frames rounded up to even, max_frames rounded down to even] and to the frame count,
+    then rounded down to even, the temporal patch of 2 frames. A 1-frame video gives 1 (the reference
+    raises; the processor pads it to a patch)."""
+    if total_frames <= 0 or video_fps <= 0 or fps <= 0 or min_frames <= 0 or max_frames < 2:
+        raise ValueError(f"need positive total_frames, video_fps, fps, min_frames and max_frames >= 2; got "
+                         f"{total_frames}, {video_fps}, {fps}, {min_frames}, {max_frames}")
+    lo, hi = 2 * math.ceil(min_frames / 2), 2 * (max_frames // 2)
+    n = min(max(total_frames / video_fps * fps, lo), hi, total_frames)
+    return max(1, 2 * math.floor(n / 2))
+
+
 def _decode_sequential(container, stream, targets: list[int], path, total: int) -> dict[int, tuple]:
     """Decode from the start, converting only the wanted frames to RGB: the ground truth for numbering."""
     wanted, out, n, start = set(targets), {}, 0, None
@@ -202,7 +215,7 @@ def _decode_seek(container, stream, targets: list[int], gop: float) -> dict[int,
     return out
 
 
-def _select(path, total: int, fps_video: float, indices, num_frames, fps, max_frames) -> list[int]:
+def _select(path, total: int, fps_video: float, indices, num_frames, fps, max_frames, min_frames=None) -> list[int]:
     if indices is not None:
         wanted = [int(i) for i in indices]
         if not wanted:
@@ -215,6 +228,8 @@ def _select(path, total: int, fps_video: float, indices, num_frames, fps, max_fr
         return wanted
     if num_frames is not None:
         return uniform_indices(total, num_frames)
+    if fps is not None and min_frames is not None:
+        return uniform_indices(total, qwen_frame_count(total, fps_video, fps, min_frames, max_frames or max(2, total)))
     if fps is not None:
         return fps_indices(total, fps_video, fps, max_frames)
     if max_frames is not None and max_frames < total:
@@ -223,12 +238,14 @@ def _select(path, total: int, fps_video: float, indices, num_frames, fps, max_fr
 
 
 def read_frames(path: str | os.PathLike, indices: Sequence[int] | None = None, num_frames: int | None = None,
-                fps: float | None = None, max_frames: int | None = None, *, _method: str = "auto") -> Clip:
+                fps: float | None = None, max_frames: int | None = None, min_frames: int | None = None, *,
+                _method: str = "auto") -> Clip:
     """Read selected frames of `path`'s first video stream, byte-identical to a full sequential decode.
 
     Select with at most one of `indices` (strictly increasing and in range, else ValueError naming the
     index: silently reordering would misalign whatever the caller pairs with them), `num_frames`
-    (uniform_indices) or `fps` (fps_indices, capped by `max_frames`); with none, all frames, capped
+    (uniform_indices) or `fps` (fps_indices, capped by `max_frames`; with `min_frames`, the qwen-vl-utils
+    count instead, see qwen_frame_count, spread by uniform_indices); with none, all frames, capped
     uniformly by `max_frames`. Raises VideoError for unreadable or truncated videos and never returns
     fewer frames than selected. `_method` ("auto", "sequential", "seek") is for tests and benchmarks.
     """
@@ -236,13 +253,16 @@ def read_frames(path: str | os.PathLike, indices: Sequence[int] | None = None, n
         raise ValueError("give at most one of indices, num_frames, fps")
     if max_frames is not None and (indices is not None or num_frames is not None):
         raise ValueError("max_frames only applies to fps= or all-frames reads")
-    for name, value in (("num_frames", num_frames), ("fps", fps), ("max_frames", max_frames)):
+    if min_frames is not None and fps is None:
+        raise ValueError("min_frames only applies to fps= reads")
+    for name, value in (("num_frames", num_frames), ("fps", fps), ("max_frames", max_frames),
+                        ("min_frames", min_frames)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
     if _method not in ("auto", "sequential", "seek"):
         raise ValueError(f"unknown _method {_method!r}")
     total, fps_video, gop, cfr = _info(path)
-    wanted = _select(path, total, fps_video, indices, num_frames, fps, max_frames)
+    wanted = _select(path, total, fps_video, indices, num_frames, fps, max_frames, min_frames)
     targets = sorted(set(wanted))
     method = _method if cfr else "sequential"
     if method == "auto":  # seeking pays off only when targets lie further apart than keyframes

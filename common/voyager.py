@@ -19,6 +19,7 @@ similarity with a CLIP/SigLIP model, or with the answering model's own embedding
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.models import chat_text, load_model, load_processor
+from common.models import apply_pixel_budget, chat_text, load_model, load_processor, video_max_pixels
 from common.video import Clip, probe, read_frames
 
 CONFIG_NAME, WEIGHTS_NAME = "voyager.json", "voyager.safetensors"
@@ -171,6 +172,7 @@ class VoyagerSpec:
     fingerprint: dict | None = None  # backbone_fingerprint() of the backbone at training time
     candidates: int = 16  # M used in training (any M works at test time)
     num_frames: int = 4  # T of the training combinations
+    max_pixels: int = 0  # per-frame pixel cap the features were computed at; 0 = unknown (older files)
 
 
 class VoyagerHeads(nn.Module):
@@ -259,6 +261,10 @@ class VoyagerSelector:
         else:
             self.model = load_model(spec.backbone, device=None if model is None else model.device).eval()
             self.processor = load_processor(spec.backbone)
+        if spec.max_pixels and video_max_pixels(self.processor) != spec.max_pixels:
+            # The heads learned features at the training resolution; the answering model's budget may differ.
+            self.processor = copy.deepcopy(self.processor)
+            apply_pixel_budget(self.processor, spec.max_pixels)
         self.heads, self.spec = load_voyager(directory, backbone=self.model)
         self.heads.to(self.model.device)
         self.candidates, self.num = candidates, num

@@ -2,6 +2,7 @@
 and broken videos reported while the rest is scored."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -112,3 +113,30 @@ def test_bad_config_stops_before_any_work(tiny_model_dir, tiny_world_dir, tmp_pa
     proc = subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "data: no such file" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_sampled_eval_is_seeded_and_records_its_decoding(single_run, tiny_model_dir, tiny_world_dir, tmp_path):
+    data = tiny_world_dir / "test.json"
+    sampling = ("temperature=1.0", "top_p=0.9", "top_k=40")
+    outs = [tmp_path / name for name in ("a", "b", "seed1")]
+    for out, seed in zip(outs, (0, 0, 1), strict=True):
+        run_eval(eval_args(tiny_model_dir, data, out, *sampling, f"seed={seed}"))
+    a, b, other = ([r["output"] for r in predictions(out)] for out in outs)
+    assert a == b  # a rerun samples the same answers
+    assert a != other and a != [r["output"] for r in predictions(single_run)]  # sampled, not greedy
+    summary = json.loads((outs[0] / "summary.json").read_text())
+    assert summary["decoding"] == {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 40,
+                                   "max_new_tokens": 48, "seed": 0}
+    greedy = json.loads((single_run / "summary.json").read_text())["decoding"]
+    assert greedy == {"do_sample": False, "max_new_tokens": 48, "seed": 0}
+
+
+@pytest.mark.parametrize("override, message", [("temperature=-0.1", "temperature: must be >= 0"),
+                                               ("top_p=0", r"top_p: must be in \(0, 1\]"),
+                                               ("top_k=-1", "top_k: must be >= 0"),
+                                               ("frames.min_frames=-1", "frames.min_frames: must be >= 0"),
+                                               ("frames.max_pixels=100", "frames.max_pixels: must be 0")])
+def test_bad_decoding_or_frames_values_name_the_key(tiny_model_dir, tiny_world_dir, tmp_path, override, message):
+    args = eval_args(tiny_model_dir, tiny_world_dir / "test.json", tmp_path / "o", override)
+    proc = subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-2000:]

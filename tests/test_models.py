@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
+from common.frames import FramesConfig
 from common.models import (
     TinySpec,
     build_tiny,
     chat_text,
+    generate_exact,
     load_model,
     load_processor,
     model_inputs,
+    video_max_pixels,
     visual_tokens,
 )
 from common.video import Clip, read_frames
@@ -116,3 +119,78 @@ def test_random_frames_clip_matches_processor_token_count(tiny_model_dir):
     clip = Clip(frames=frames, indices=[0, 8, 16, 24], timestamps=[0, 1, 2, 3], fps=8.0, total_frames=32)
     inputs = model_inputs(processor, ["q"], [clip])
     assert inputs["video_grid_thw"].tolist() == [[2, 8, 8]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint_with_decoding_defaults(tiny_model_dir, tmp_path_factory):
+    """The tiny checkpoint with a generation_config.json like Qwen2.5-VL's (sampling defaults + a penalty)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny_with_generation_defaults") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    path = out / "generation_config.json"
+    config = json.loads(path.read_text())
+    config.update(repetition_penalty=1.5, top_k=3, top_p=0.5, temperature=0.3, do_sample=True)
+    path.write_text(json.dumps(config))
+    return out
+
+
+def test_generate_exact_ignores_the_checkpoints_decoding_defaults(tiny_model_dir, tiny_world_dir,
+                                                                  checkpoint_with_decoding_defaults):
+    plain, loaded = load_model(tiny_model_dir), load_model(checkpoint_with_decoding_defaults)
+    assert loaded.generation_config.repetition_penalty == 1.5
+    processor = load_processor(tiny_model_dir)
+    record = json.loads((tiny_world_dir / "test.json").read_text())[0]
+    inputs = model_inputs(processor, [record["problem"]], [uniform_clip(tiny_world_dir / record["path"], 4)])
+
+    def run(model, **kwargs):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return generate_exact(model, inputs, max_new_tokens=24, **kwargs)
+
+    for kwargs in (dict(do_sample=False), dict(do_sample=True, num_return_sequences=4),
+                   dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=20, num_return_sequences=4)):
+        expected = run(plain, **kwargs)
+        assert torch.equal(run(loaded, **kwargs), expected), kwargs
+        assert expected.shape[1] > inputs["input_ids"].shape[1]
+    assert loaded.generation_config.repetition_penalty == 1.5  # restored after the call
+
+    # Without generate_exact the checkpoint's defaults leak in: greedy gets the penalty, sampling its top_k.
+    with torch.no_grad():
+        greedy = loaded.generate(**inputs, max_new_tokens=24, do_sample=False)
+        torch.manual_seed(0)
+        sampled = loaded.generate(**inputs, max_new_tokens=24, do_sample=True, temperature=1.0, top_p=1.0,
+                                  num_return_sequences=4)
+    assert not torch.equal(greedy, run(plain, do_sample=False))
+    assert not torch.equal(sampled, run(plain, do_sample=True, num_return_sequences=4))
+
+
+def test_generate_exact_greedy_raises_no_flag_warnings_and_checks_sampling_values(tiny_model_dir, caplog):
+    model = load_model(tiny_model_dir)
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with caplog.at_level("WARNING"):
+        generate_exact(model, inputs, max_new_tokens=3, do_sample=False, temperature=0.1, top_p=0.01, top_k=5)
+    assert not [r for r in caplog.records if "do_sample" in r.getMessage()]
+    with pytest.raises(ValueError, match="temperature > 0"):
+        generate_exact(model, inputs, max_new_tokens=3, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_exact(model, inputs, max_new_tokens=3, do_sample=True, top_p=0.0)
+
+
+def test_pixel_budgets_change_the_grids_and_default_keeps_the_saved_resolution(tiny_model_dir):
+    frames = np.random.default_rng(0).integers(0, 255, (4, 240, 320, 3), dtype=np.uint8)
+    clip = Clip(frames=frames, indices=[0, 1, 2, 3], timestamps=[0, 0.5, 1, 1.5], fps=2.0, total_frames=4)
+
+    def grids(processor):
+        video = model_inputs(processor, ["q"], [clip])["video_grid_thw"].tolist()
+        image = model_inputs(processor, ["q"], [frames[0]])["image_grid_thw"].tolist()
+        return video, image
+
+    saved = load_processor(tiny_model_dir)  # the tiny processor caps at 112 x 112 = 12544 pixels
+    assert grids(saved) == grids(load_processor(tiny_model_dir, FramesConfig())) == ([[2, 6, 8]], [[1, 6, 8]])
+    budget = load_processor(tiny_model_dir, FramesConfig(max_pixels=56 * 56, image_max_pixels=84 * 84))
+    # 320 x 240 under 3136 pixels -> 28 x 56 (grid 2 x 4 of 14-px patches); under 84 x 84 -> 56 x 84 (4 x 6)
+    assert grids(budget) == ([[2, 2, 4]], [[1, 4, 6]])
+    assert video_max_pixels(budget) == 56 * 56 and video_max_pixels(saved) == 112 * 112
+    only_video = load_processor(tiny_model_dir, FramesConfig(max_pixels=56 * 56))
+    assert grids(only_video) == ([[2, 2, 4]], [[1, 6, 8]])

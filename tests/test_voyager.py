@@ -130,7 +130,8 @@ def run(script, args):
 def trained(tiny_model_dir, tiny_world_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("voyager_pipeline")
     run("label_frames.py", [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}",
-                            f"output_dir={out / 'labels'}", "candidates=8", "num_frames=2", "max_combinations=12"])
+                            f"output_dir={out / 'labels'}", "candidates=8", "num_frames=2", "max_combinations=12",
+                            "max_pixels=3136"])  # below the tiny processor's 12544: eval must match it
     run("train_voyager.py", [f"labels={out / 'labels' / 'labels.jsonl'}", f"output_dir={out / 'voyager'}",
                              "layers=1", "dim=16", "epochs=2", "batch_size=4", "val_fraction=0.25"])
     return out
@@ -139,6 +140,9 @@ def trained(tiny_model_dir, tiny_world_dir, tmp_path_factory):
 def test_training_writes_heads_spec_and_validation_metrics(trained, tiny_model_dir):
     spec = json.loads((trained / "voyager" / "voyager.json").read_text())
     assert spec["backbone"] == str(tiny_model_dir) and spec["layers"] == 1 and spec["num_frames"] == 2
+    # The scorer's features were computed at the labels' pixel budget, and its selector will apply it.
+    assert spec["max_pixels"] == 3136
+    assert {r["max_pixels"] for r in read_jsonl(trained / "labels" / "labels.jsonl")} == {3136}
     metrics = read_jsonl(trained / "voyager" / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
     for key in ("pair_accuracy", "spearman", "evidence_recall_voyager", "evidence_recall_uniform"):
