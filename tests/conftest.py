@@ -29,6 +29,14 @@ def tiny_world_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def video_r1_mix(tmp_path_factory) -> Path:
+    """Real-shaped Video-R1 data: mixed video sizes and rates, images, every problem type, one truncated mp4."""
+    from common.videor1mix import write_video_r1_mix
+
+    return write_video_r1_mix(tmp_path_factory.mktemp("video_r1_mix"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def answering_model_dir(tiny_model_dir, tiny_world_dir, tmp_path_factory) -> Path:
     """The tiny model after a few supervised steps on answer-only targets: it writes
     `<answer>X</answer>`, right about a quarter of the time, so GRPO groups have reward variance
