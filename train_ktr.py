@@ -37,6 +37,7 @@ from common.attribution import (
     VisualFeatures,
     build_rollout,
     counterfactual_logps,
+    permute_frame_pixels,
     permute_temporal_patches,
     policy_logps,
     temporal_permutation,
@@ -49,7 +50,7 @@ from common.frames import FramesConfig, load_batch, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
 from common.jsonl import append_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
-from common.models import load_model, load_processor, model_inputs, model_path_ok, visual_tokens
+from common.models import generate_exact, load_model, load_processor, model_inputs, model_path_ok, visual_tokens
 from common.report import write_attribution_html
 from common.rewards import accuracy_reward, format_reward, length_reward
 
@@ -61,7 +62,9 @@ class AttributionConfig:
     visual_removal: Literal["mask", "pixels"] = "mask"  # drop visual tokens (= attention mask) or blank pixels
     temporal: bool = True  # temporal-aware tokens: perturbed frame order (video samples only)
     temporal_ratio: float = 0.2
-    temporal_mode: Literal["shuffle", "reverse", "segment_shuffle"] = "shuffle"
+    # shuffle / reverse / segment_shuffle move whole temporal patches of the cached features (exact, no
+    # re-encoding); frame_shuffle permutes single frames, as the reference code does, and re-encodes once
+    temporal_mode: Literal["shuffle", "reverse", "segment_shuffle", "frame_shuffle"] = "shuffle"
     temporal_segments: int = 4
     entropy: bool = True  # high-entropy tokens
     entropy_ratio: float = 0.2
@@ -74,9 +77,10 @@ class AttributionConfig:
 class RewardConfig:
     accuracy_weight: float = 1.0
     format_weight: float = 1.0
-    length_bonus: float = 0.0  # e.g. 0.2 for correct answers whose length is in [length_min, length_max] words
+    length_bonus: float = 0.0  # e.g. 0.2 for correct answers whose length is in [length_min, length_max]
     length_min: int = 32
     length_max: int = 256
+    length_unit: Literal["words", "tokens"] = "words"  # Video-R1: tokens, 320..512
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Config:
     num_generations: int = 8  # G completions per prompt
     temperature: float = 1.0
     top_p: float = 0.95
+    top_k: int = 0  # 0 = off; sampling uses exactly temperature / top_p / top_k, whatever the checkpoint ships
     max_new_tokens: int = 768
     batch_size: int = 1  # prompts per process per step
     max_steps: int = 0  # length of the schedule; 0 = one pass over the data
@@ -105,6 +110,7 @@ class Config:
     num_iterations: int = 1  # updates per generated batch (PPO-style reuse)
     aggregation: Literal["sequence_mean", "token_mean", "constant"] = "sequence_mean"
     kl_on_all_tokens: bool = False  # false = the KL term is masked like the policy term
+    kl_clamp: float = 0.0  # clamp the log-ratio to [-kl_clamp, kl_clamp] before k3 (the reference code: 10); 0 = off
     bf16: bool = False
     gradient_checkpointing: bool = False
     freeze_vision: bool = True
@@ -135,6 +141,8 @@ class Config:
         require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         require(self.epsilon >= 0, "epsilon", f"must be >= 0, got {self.epsilon}")
+        require(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        require(self.kl_clamp >= 0, "kl_clamp", f"must be >= 0 (0 = off), got {self.kl_clamp}")
         self.frames.validate()
 
     @property
@@ -160,28 +168,41 @@ class PolicyLogps(torch.nn.Module):
         return logps, entropy, features
 
 
-def rewards_of(completions: list[str], samples: list, cfg: Config) -> dict[str, torch.Tensor]:
+def rewards_of(completions: list[str], samples: list, n_tokens: list[int], cfg: Config) -> dict[str, torch.Tensor]:
     """Each reward function's value per completion (the samples are repeated G times)."""
     accuracy = [accuracy_reward(c, s.solution, s.problem_type) for c, s in zip(completions, samples, strict=True)]
     out = {"accuracy": torch.tensor(accuracy), "format": torch.tensor([format_reward(c) for c in completions])}
-    if cfg.reward.length_bonus:
-        out["length"] = torch.tensor([length_reward(c, a, cfg.reward.length_min, cfg.reward.length_max,
-                                                    cfg.reward.length_bonus) for c, a in zip(completions, accuracy,
-                                                                                           strict=True)])
+    r = cfg.reward
+    if r.length_bonus:
+        out["length"] = torch.tensor([
+            length_reward(c, a, r.length_min, r.length_max, r.length_bonus,
+                          n_tokens=n if r.length_unit == "tokens" else None)
+            for c, a, n in zip(completions, accuracy, n_tokens, strict=True)])
     return out
 
 
 @contextlib.contextmanager
-def gathered_for_generation(accelerator, model):
-    """Under ZeRO-3 the parameters are sharded; generation needs them whole on every rank."""
+def gathered_for_generation(accelerator, policy):
+    """Under ZeRO-3 the parameters are sharded; generation needs them whole on every rank. They are
+    gathered once for the call, and DeepSpeed's per-module hooks are taken off meanwhile: left on,
+    they release and re-gather every layer at every decoding step (GatheredParameters alone does not
+    stop that; bench/bench_zero3_generation.py counts the all-gathers), and ranks that finish early
+    would have to keep stepping in lockstep. Without the hooks each rank generates on its own."""
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            yield
-    else:
+    if plugin is None or plugin.zero_stage != 3:
         yield
+        return
+    import deepspeed
+
+    offload = policy.optimizer.parameter_offload  # the engine's ZeRO-3 parameter coordinator and hooks
+    with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=None):
+        offload._remove_module_hooks()
+        offload.forward_hooks.clear()
+        offload.backward_hooks.clear()
+        try:
+            yield
+        finally:
+            offload.setup_zero_stage3_hooks()
 
 
 def prepare_reference(accelerator, model):
@@ -199,6 +220,13 @@ def prepare_reference(accelerator, model):
     total = sum(p.ds_numel for p in model.parameters())
     accelerator.print(f"reference model sharded by ZeRO-3: {local} of {total} parameters on rank 0")
     return engine.module.eval()
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True when `flag` holds on at least one process (every process gets the same answer)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum") > 0)
 
 
 def signal_overlaps(masks: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -224,7 +252,7 @@ def main() -> None:
     resume_from = latest_checkpoint(out) if cfg.resume else None
 
     model = load_model(resume_from or cfg.model, attn_implementation=cfg.attn_implementation or None)
-    processor = load_processor(cfg.model)
+    processor = load_processor(cfg.model, cfg.frames)
     tokenizer = processor.tokenizer
     ids = visual_tokens(model.config)
     eos_ids = sorted({tokenizer.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or []).tolist()})
@@ -269,46 +297,71 @@ def main() -> None:
         t0 = time.time()
         batch, visuals = load_batch([samples[i] for i in indices], select, cfg.on_bad_video,
                                     out / "skipped.jsonl", step=step)
-        require(bool(batch), "data", f"every video of step {step}'s batch was unreadable (see skipped.jsonl)")
+        # A process left with no readable sample cannot take part in the step, and the others cannot
+        # run it without it (their collectives would wait for it): every process skips the step.
+        if any_rank(accelerator, not batch):
+            accelerator.print(f"step {step + 1}: skipped, a batch had no readable sample (see skipped.jsonl)")
+            step += 1
+            bar.update(1)
+            continue
         prompt_inputs = model_inputs(processor, [build_prompt(s) for s in batch], visuals).to(accelerator.device)
         hf_model.eval()
-        with torch.no_grad(), gathered_for_generation(accelerator, hf_model):
-            generated = hf_model.generate(**prompt_inputs, do_sample=True, temperature=cfg.temperature,
-                                          top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-                                          num_return_sequences=cfg.num_generations,
-                                          bad_words_ids=[[t] for t in ids.placeholders])
+        with torch.no_grad(), accelerator.autocast(), gathered_for_generation(accelerator, policy):
+            generated = generate_exact(hf_model, prompt_inputs, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                       num_return_sequences=cfg.num_generations,
+                                       bad_words_ids=[[t] for t in ids.placeholders], synced_gpus=False)
         hf_model.model.rope_deltas = None
         hf_model.train()
         completion_ids = generated[:, prompt_inputs["input_ids"].shape[1]:]
-        rollout = build_rollout(hf_model, prompt_inputs, completion_ids, cfg.num_generations, eos_ids)
+        # Every process pads its completions to the longest on any process, so that all of them make
+        # the same number of chunked output-layer calls (under ZeRO-3 each call is a collective).
+        lengths_by_rank = [completion_ids.shape[1]]
+        if accelerator.num_processes > 1:
+            lengths_by_rank = accelerator.gather(torch.tensor([completion_ids.shape[1]],
+                                                              device=accelerator.device)).tolist()
+        rollout = build_rollout(hf_model, prompt_inputs, completion_ids, cfg.num_generations, eos_ids,
+                                temperature=cfg.temperature, pad_to=max(lengths_by_rank),
+                                pad_token_id=tokenizer.pad_token_id)
         lengths = rollout.completion_mask.sum(dim=1).tolist()
         completions = [tokenizer.decode(row[:n], skip_special_tokens=True)
-                       for row, n in zip(completion_ids.tolist(), lengths, strict=True)]
+                       for row, n in zip(rollout.completion_ids.tolist(), lengths, strict=True)]
         timings["generation"] = time.time() - t0
 
         # ---- rewards -> group-normalised advantages ------------------------------------------
         repeated = [s for s in batch for _ in range(cfg.num_generations)]
-        reward_parts = rewards_of(completions, repeated, cfg)
+        reward_parts = rewards_of(completions, repeated, lengths, cfg)
         weights = {"accuracy": cfg.reward.accuracy_weight, "format": cfg.reward.format_weight, "length": 1.0}
         rewards = sum(weights[k] * v for k, v in reward_parts.items()).to(accelerator.device)
         advantages = group_advantages(rewards, cfg.num_generations)
 
         # ---- policy forward + attribution signals -> key-token mask ---------------------------
+        # Every pass runs in the configured precision (autocast), the policy's as well as the no-grad ones.
         t0 = time.time()
-        logps, entropy, features = policy(rollout, cfg.attribution.chunk_size, "entropy" in cfg.signal_ratios)
+        with accelerator.autocast():
+            logps, entropy, features = policy(rollout, cfg.attribution.chunk_size, "entropy" in cfg.signal_ratios)
         scores = {}
-        if "visual" in cfg.signal_ratios:
-            scores["visual"] = counterfactual_scores(logps.detach(), visual_removed_logps(hf_model, rollout, features,
+        with torch.no_grad(), accelerator.autocast():
+            features = VisualFeatures([f.detach() for f in features.video], [f.detach() for f in features.image],
+                                      features.video_grids)
+            if "visual" in cfg.signal_ratios or "temporal" in cfg.signal_ratios:
+                # The real log-probs of a score come from the same computation as its counterfactual,
+                # so an unperturbed input scores exactly 0 in any precision.
+                real_logps = counterfactual_logps(hf_model, rollout, features, drop_visual=False,
+                                                  chunk_size=cfg.attribution.chunk_size)
+            if "visual" in cfg.signal_ratios:
+                scores["visual"] = counterfactual_scores(real_logps, visual_removed_logps(hf_model, rollout, features,
                                                                                           cfg), cfg.attribution.score)
-        if "temporal" in cfg.signal_ratios:
-            scores["temporal"] = temporal_scores(hf_model, rollout, features, logps.detach(), cfg, step)
-        if "entropy" in cfg.signal_ratios:
-            scores["entropy"] = entropy
-        key_mask, signal_masks = key_token_mask(scores, cfg.signal_ratios, rollout.completion_mask,
-                                                cfg.num_generations, cfg.attribution.scope)
-        ref_logps = None
-        if ref_model is not None:
-            with torch.no_grad():
+            if "temporal" in cfg.signal_ratios and any_rank(accelerator, "video" in rollout.kinds):
+                scores["temporal"] = temporal_scores(hf_model, rollout, features, real_logps, cfg, step)
+            elif "temporal" in cfg.signal_ratios:  # images only: no temporal signal, nothing selected by it
+                scores["temporal"] = torch.full_like(real_logps, math.nan)
+            if "entropy" in cfg.signal_ratios:
+                scores["entropy"] = entropy
+            key_mask, signal_masks = key_token_mask(scores, cfg.signal_ratios, rollout.completion_mask,
+                                                    cfg.num_generations, cfg.attribution.scope)
+            ref_logps = None
+            if ref_model is not None:
                 ref_features = visual_features(ref_model, rollout.visual_inputs)
                 ref_logps, _ = policy_logps(ref_model, rollout, ref_features, cfg.attribution.chunk_size, False)
         timings["attribution"] = time.time() - t0
@@ -318,16 +371,18 @@ def main() -> None:
         old_logps = logps.detach() if cfg.num_iterations > 1 else None
         for iteration in range(cfg.num_iterations):
             if iteration > 0:
-                logps, _, _ = policy(rollout, cfg.attribution.chunk_size, False)
+                with accelerator.autocast():
+                    logps, _, _ = policy(rollout, cfg.attribution.chunk_size, False)
             loss, loss_metrics = grpo_loss(
                 logps, old_logps, ref_logps, advantages, rollout.completion_mask, key_mask, beta=cfg.beta,
                 epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
-                max_completion_length=cfg.max_new_tokens, kl_on_all_tokens=cfg.kl_on_all_tokens)
+                max_completion_length=cfg.max_new_tokens, kl_on_all_tokens=cfg.kl_on_all_tokens,
+                kl_clamp=cfg.kl_clamp or None)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad()
+        scheduler.step()  # one schedule step per rollout batch, however many updates reuse it
         timings["update"] = time.time() - t0
         step += 1
         bar.update(1)
@@ -342,6 +397,7 @@ def main() -> None:
             **{f"reward/{k}": v.mean().item() for k, v in reward_parts.items()},
             "accuracy": reward_parts["accuracy"].mean().item(),
             "completion_length": valid.sum(dim=1).float().mean().item(),
+            "completion_length_by_rank": lengths_by_rank,  # generated lengths before padding to the longest
             "all_correct_groups": (group_acc == 1).all(dim=1).float().mean().item(),
             "all_wrong_groups": (group_acc == 0).all(dim=1).float().mean().item(),
             "selected/union": (key_mask & valid).sum().item() / valid.sum().item() if key_mask is not None else 1.0,
@@ -383,25 +439,32 @@ def visual_removed_logps(model, rollout: Rollout, features: VisualFeatures, cfg:
     if cfg.attribution.visual_removal == "mask":
         return counterfactual_logps(model, rollout, None, drop_visual=True, chunk_size=cfg.attribution.chunk_size)
     blank = {k: torch.zeros_like(v) if k.startswith("pixel_values") else v for k, v in rollout.visual_inputs.items()}
-    with torch.no_grad():
-        blank_features = visual_features(model, blank)
+    blank_features = visual_features(model, blank)
     return counterfactual_logps(model, rollout, blank_features, drop_visual=False,
                                 chunk_size=cfg.attribution.chunk_size)
 
 
-def temporal_scores(model, rollout: Rollout, features: VisualFeatures, logps: torch.Tensor, cfg: Config,
+def temporal_scores(model, rollout: Rollout, features: VisualFeatures, real_logps: torch.Tensor, cfg: Config,
                     step: int) -> torch.Tensor:
-    """logp(real order) - logp(perturbed order), with whole temporal patches of the cached vision
-    features permuted (no re-encoding). Image prompts have no temporal signal: NaN, never selected."""
+    """logp(real order) - logp(perturbed order). Whole temporal patches of the cached vision features
+    are permuted (no re-encoding), or for frame_shuffle single frames are, and the videos re-encoded
+    once. Image prompts have no temporal signal: NaN, never selected."""
+    a = cfg.attribution
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     grids = features.video_grids.tolist() if features.video_grids is not None else []
-    perms = [temporal_permutation(t, cfg.attribution.temporal_mode, generator, cfg.attribution.temporal_segments)
-             for t, _, _ in grids]
-    detached = VisualFeatures([f.detach() for f in features.video], [f.detach() for f in features.image],
-                              features.video_grids)
-    shuffled = counterfactual_logps(model, rollout, permute_temporal_patches(detached, perms), drop_visual=False,
-                                    chunk_size=cfg.attribution.chunk_size)
-    scores = counterfactual_scores(logps, shuffled, cfg.attribution.score)
+    if a.temporal_mode == "frame_shuffle":
+        vision = model.config.vision_config
+        perms = [temporal_permutation(t * vision.temporal_patch_size, "frame_shuffle", generator) for t, _, _ in grids]
+        visual = dict(rollout.visual_inputs)
+        if perms:
+            visual["pixel_values_videos"] = permute_frame_pixels(visual["pixel_values_videos"], features.video_grids,
+                                                                 perms, vision.temporal_patch_size, vision.patch_size)
+        perturbed = visual_features(model, visual)
+    else:
+        perms = [temporal_permutation(t, a.temporal_mode, generator, a.temporal_segments) for t, _, _ in grids]
+        perturbed = permute_temporal_patches(features, perms)
+    shuffled = counterfactual_logps(model, rollout, perturbed, drop_visual=False, chunk_size=a.chunk_size)
+    scores = counterfactual_scores(real_logps, shuffled, a.score)
     is_image = torch.tensor([k == "image" for k in rollout.kinds], device=scores.device)
     return scores.masked_fill(is_image.repeat_interleave(rollout.group_size)[:, None], math.nan)
 

@@ -8,10 +8,13 @@ entropy from the real pass's full logits, then two extra full forwards (visual t
 attention; frames shuffled), each re-encoding the video and materialising a float32 log-softmax
 over the whole (N x L x vocabulary) logits. Ours: entropies taken chunk by chunk inside the real
 pass, visual tokens dropped, shuffled cached vision features, the prompt run once per group with
-its KV cache reused, chunked log-probs. Each method runs in its own process so that
-peak memory (max RSS above the process's baseline after loading the model and inputs, over the
+its KV cache reused, chunked log-probs. Ours also runs the real input through the counterfactuals'
+computation, so that an unperturbed input scores exactly 0 (train_ktr.py does). Each method runs in
+its own process so that peak memory (max RSS above the process's baseline after loading the model and inputs, over the
 real pass and the attribution) is measured cleanly.
-Prints times, the time ratio, peak-memory ratio, and the max difference of the scores.
+Prints times, the time ratio, peak-memory ratio, and the max difference of the scores; then the
+temporal counterfactual alone, patch shuffle (cached features) vs frame_shuffle (frames permuted, the
+video re-encoded once).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from common.attribution import (  # noqa: E402
     build_rollout,
     counterfactual_logps,
     naive_logps,
+    permute_frame_pixels,
     permute_temporal_patches,
     policy_logps,
     visual_features,
@@ -79,14 +83,32 @@ def run_method(method: str, model_dir: Path, args) -> dict:
             entropy = entropy_from_logits(full[:, p - 1:-1].float())
             masked = naive_logps(model, rollout, "masked")
             shuffled = naive_logps(model, rollout, "shuffled", perms)
-        else:
+        else:  # the scores' real log-probs by the counterfactuals' computation (exact 0 when unperturbed)
+            real = counterfactual_logps(model, rollout, features, drop_visual=False, chunk_size=args.chunk)
             masked = counterfactual_logps(model, rollout, None, drop_visual=True, chunk_size=args.chunk)
             shuffled = counterfactual_logps(model, rollout, permute_temporal_patches(features, perms),
                                             drop_visual=False, chunk_size=args.chunk)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline
     scores = torch.stack([real - masked, real - shuffled, entropy])
-    return {"seconds": seconds, "peak_mib": peak / 1024, "scores": scores.tolist()}
+    out = {"seconds": seconds, "peak_mib": peak / 1024, "scores": scores.tolist()}
+    if method == "ours":  # the temporal counterfactual alone: whole patches of cached features vs single frames
+        with torch.no_grad():
+            start = time.perf_counter()
+            counterfactual_logps(model, rollout, permute_temporal_patches(features, perms), drop_visual=False,
+                                 chunk_size=args.chunk)
+            out["patch_shuffle_seconds"] = time.perf_counter() - start
+            start = time.perf_counter()
+            vision = model.config.vision_config
+            n_frames = int(rollout.visual_inputs["video_grid_thw"][0, 0]) * vision.temporal_patch_size
+            frame_perm = torch.randperm(n_frames, generator=torch.Generator().manual_seed(0))
+            pixels = permute_frame_pixels(rollout.visual_inputs["pixel_values_videos"],
+                                          rollout.visual_inputs["video_grid_thw"], [frame_perm],
+                                          vision.temporal_patch_size, vision.patch_size)
+            reencoded = visual_features(model, {**rollout.visual_inputs, "pixel_values_videos": pixels})
+            counterfactual_logps(model, rollout, reencoded, drop_visual=False, chunk_size=args.chunk)
+            out["frame_shuffle_seconds"] = time.perf_counter() - start
+    return out
 
 
 def main() -> None:
@@ -121,6 +143,9 @@ def main() -> None:
     print(f"time ratio (naive / ours): {naive['seconds'] / ours['seconds']:.1f}x   "
           f"peak-memory ratio: {naive['peak_mib'] / max(ours['peak_mib'], 1):.1f}x   "
           f"max |score difference|: {diff:.2e}")
+    print(f"temporal counterfactual alone: patch shuffle {ours['patch_shuffle_seconds']:.2f} s, frame shuffle "
+          f"(frames permuted, video re-encoded) {ours['frame_shuffle_seconds']:.2f} s: "
+          f"{ours['frame_shuffle_seconds'] / ours['patch_shuffle_seconds']:.2f}x")
 
 
 if __name__ == "__main__":

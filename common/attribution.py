@@ -11,11 +11,17 @@ What makes it cheap (each gives the same numbers as the straightforward way; tes
   Qwen2.5-VL equals re-encoding shuffled frame pairs (the tower attends within a patch only);
 - the visual-removed counterfactual drops the visual tokens from the sequence and keeps every
   other token's position, which equals masking them from attention, and needs no pixels;
-- the G completions of a prompt share its prefix: the no-grad passes run the prompt once and
-  reuse its KV cache for the G completions;
+- the G completions of a prompt share its prefix: the no-grad passes run the B prompts once and
+  reuse their KV cache for the G completions each;
 - log-probs come from hidden states in chunks (`token_logps_and_entropy`), never as a
   (N x L x vocabulary) float32 tensor.
 Supported: the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL), whose processor gives mm_token_type_ids.
+
+Under ZeRO-3 every call of a sharded module is a collective, so every rank must make the same
+sequence of calls whatever its batch holds. Each pass here makes a fixed number of calls: one
+vision-tower call for all the batch's videos and images together, one language-model call for the
+prompts and one for the completions, and ceil(Lc / chunk_size) output-layer calls, where the
+completion length Lc is padded to the same value on every rank (`build_rollout(pad_to=...)`).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from common.grpo import token_logps_and_entropy
 from common.models import visual_tokens
 
-TEMPORAL_MODES = ("shuffle", "reverse", "segment_shuffle")
+TEMPORAL_MODES = ("shuffle", "reverse", "segment_shuffle", "frame_shuffle")
 
 
 @dataclass
@@ -42,6 +49,7 @@ class Rollout:
     group_size: int  # G
     visual_inputs: dict  # pixel_values(_videos), *_grid_thw, second_per_grid_ts of the B prompts
     kinds: list[str]  # per prompt: "video" or "image"
+    temperature: float = 1.0  # the sampling temperature: log-probs are those of logits / temperature
 
     @property
     def completion_ids(self) -> torch.Tensor:
@@ -68,11 +76,18 @@ def completion_mask_from(completion_ids: torch.Tensor, eos_token_ids: list[int])
 
 
 def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, group_size: int,
-                  eos_token_ids: list[int]) -> Rollout:
-    """Lay out B processed prompts (left-padded) and their B*G completions (right-padded)."""
-    n, lc = completion_ids.shape
+                  eos_token_ids: list[int], temperature: float = 1.0, pad_to: int | None = None,
+                  pad_token_id: int = 0) -> Rollout:
+    """Lay out B processed prompts (left-padded) and their B*G completions (right-padded).
+
+    `pad_to` right-pads the completions to that length with invalid `pad_token_id` tokens (e.g. the
+    longest completion over all ranks, so that every rank runs the same number of chunks)."""
     repeat = lambda t: t.repeat_interleave(group_size, dim=0)  # noqa: E731
     completion_mask = completion_mask_from(completion_ids, eos_token_ids)
+    extra = (pad_to or 0) - completion_ids.shape[1]
+    if extra > 0:
+        completion_ids = F.pad(completion_ids, (0, extra), value=pad_token_id)
+        completion_mask = F.pad(completion_mask, (0, extra), value=False)
     input_ids = torch.cat([repeat(prompt_inputs["input_ids"]), completion_ids], dim=1)
     attention_mask = torch.cat([repeat(prompt_inputs["attention_mask"]), completion_mask.long()], dim=1)
     token_types = torch.cat([repeat(prompt_inputs["mm_token_type_ids"]),
@@ -88,7 +103,7 @@ def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, grou
     video_token = visual_tokens(model.config).video
     kinds = ["video" if (row == video_token).any() else "image" for row in prompt_inputs["input_ids"]]
     return Rollout(input_ids, attention_mask, position_ids, completion_mask,
-                   prompt_inputs["input_ids"].shape[1], group_size, visual, kinds)
+                   prompt_inputs["input_ids"].shape[1], group_size, visual, kinds, temperature)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,15 +118,16 @@ class VisualFeatures:
 
 
 def visual_features(model, visual_inputs: dict) -> VisualFeatures:
-    """Run the vision tower once over the batch's videos and images."""
-    video, image, grids = [], [], visual_inputs.get("video_grid_thw")
-    if visual_inputs.get("pixel_values_videos") is not None:
-        out = model.model.get_video_features(visual_inputs["pixel_values_videos"], grids)
-        video = list(out.pooler_output)
-    if visual_inputs.get("pixel_values") is not None:
-        out = model.model.get_image_features(visual_inputs["pixel_values"], visual_inputs["image_grid_thw"])
-        image = list(out.pooler_output)
-    return VisualFeatures(video, image, grids)
+    """Run the vision tower once over the batch's videos and images together: one call whatever
+    the mix (an image is a one-patch video to the tower), so ranks with different mixes stay in step."""
+    video_grids, image_grids = visual_inputs.get("video_grid_thw"), visual_inputs.get("image_grid_thw")
+    pixels = [x for x in (visual_inputs.get("pixel_values_videos"), visual_inputs.get("pixel_values")) if x is not None]
+    if not pixels:
+        return VisualFeatures([], [], None)
+    grids = torch.cat([g for g in (video_grids, image_grids) if g is not None])
+    out = list(model.model.get_video_features(torch.cat(pixels), grids).pooler_output)
+    n_video = 0 if video_grids is None else len(video_grids)
+    return VisualFeatures(out[:n_video], out[n_video:], video_grids)
 
 
 def embed_inputs(model, input_ids: torch.Tensor, features: VisualFeatures, rows_per_prompt: int) -> torch.Tensor:
@@ -130,6 +146,8 @@ def embed_inputs(model, input_ids: torch.Tensor, features: VisualFeatures, rows_
 
 def permute_temporal_patches(features: VisualFeatures, permutations: list[torch.Tensor | None]) -> VisualFeatures:
     """Reorder whole temporal patches of each video's features (None keeps a video as it is)."""
+    if features.video_grids is None:  # no video in the batch (images only): nothing to reorder
+        return features
     out = []
     for feats, grid, perm in zip(features.video, features.video_grids.tolist(), permutations, strict=True):
         t = grid[0]
@@ -138,14 +156,15 @@ def permute_temporal_patches(features: VisualFeatures, permutations: list[torch.
 
 
 def temporal_permutation(n_patches: int, mode: str, generator: torch.Generator, segments: int = 4) -> torch.Tensor:
-    """The perturbed order of a video's temporal patches: a random shuffle (never the identity
-    when avoidable), the reverse order, or a shuffle of `segments` contiguous segments."""
+    """The perturbed order of a video's temporal patches (or of its single frames, for
+    "frame_shuffle"): a random shuffle (never the identity when avoidable), the reverse order, or
+    a shuffle of `segments` contiguous segments."""
     if mode not in TEMPORAL_MODES:
         raise ValueError(f"temporal perturbation {mode!r} is not one of {TEMPORAL_MODES}")
     identity = torch.arange(n_patches)
     if mode == "reverse" or n_patches < 2:
         return identity.flip(0)
-    if mode == "shuffle":
+    if mode in ("shuffle", "frame_shuffle"):
         for _ in range(10):
             perm = torch.randperm(n_patches, generator=generator)
             if not torch.equal(perm, identity):
@@ -155,6 +174,28 @@ def temporal_permutation(n_patches: int, mode: str, generator: torch.Generator, 
     pieces = [identity[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     order = temporal_permutation(len(pieces), "shuffle", generator)
     return torch.cat([pieces[i] for i in order.tolist()])
+
+
+def permute_frame_pixels(pixels: torch.Tensor, grids: torch.Tensor, permutations: list[torch.Tensor | None],
+                         temporal_patch_size: int, patch_size: int) -> torch.Tensor:
+    """Reorder single frames in the processor's flat video pixel layout, as if the frames had been
+    shuffled before the processor (the frame_shuffle counterfactual; the video must be re-encoded).
+
+    Each video is t blocks of h*w rows; a row holds one patch as (channels, temporal_patch_size,
+    patch_size, patch_size), so frame k of temporal patch j is slice k of block j's rows.
+    `permutations[i]` orders the t * temporal_patch_size frames of video i (None = unchanged)."""
+    out = []
+    for block, grid, perm in zip(torch.split(pixels, grids.prod(dim=1).tolist()), grids.tolist(), permutations,
+                                 strict=True):
+        if perm is None:
+            out.append(block)
+            continue
+        t, hw = grid[0], grid[1] * grid[2]
+        tp, area = temporal_patch_size, patch_size * patch_size
+        frames = block.reshape(t, hw, -1, tp, area).permute(0, 3, 1, 2, 4).reshape(t * tp, hw, -1, area)
+        frames = frames[perm].reshape(t, tp, hw, -1, area).permute(0, 2, 3, 1, 4)
+        out.append(frames.reshape_as(block))
+    return torch.cat(out, dim=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,64 +211,52 @@ def policy_logps(model, rollout: Rollout, features: VisualFeatures, chunk_size: 
                                         attention_mask=rollout.attention_mask).last_hidden_state
     p = rollout.prompt_length
     return token_logps_and_entropy(hidden[:, p - 1: -1], model.get_output_embeddings(), rollout.completion_ids,
-                                   chunk_size, with_entropy=with_entropy)
-
-
-@torch.no_grad()
-def _prefix_shared_logps(model, prefix_embeds: torch.Tensor, prefix_positions: torch.Tensor,
-                         completion_ids: torch.Tensor, completion_positions: torch.Tensor,
-                         chunk_size: int) -> torch.Tensor:
-    """Log-probs of G completions after one shared prefix: the prefix runs once, its KV cache is
-    repeated G times, then the completions run together."""
-    lm = model.model.language_model
-    g = completion_ids.shape[0]
-    prefix = lm(inputs_embeds=prefix_embeds, position_ids=prefix_positions, use_cache=True)
-    cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
-    cache.batch_repeat_interleave(g)
-    mask = torch.ones(g, prefix_embeds.shape[1] + completion_ids.shape[1], dtype=torch.long,
-                      device=completion_ids.device)
-    rest = lm(inputs_embeds=model.get_input_embeddings()(completion_ids), position_ids=completion_positions,
-              attention_mask=mask, cache=cache, use_cache=True)
-    hidden = torch.cat([prefix.last_hidden_state[:, -1:].expand(g, -1, -1), rest.last_hidden_state[:, :-1]], dim=1)
-    logps, _ = token_logps_and_entropy(hidden, model.get_output_embeddings(), completion_ids, chunk_size,
-                                       with_entropy=False)
-    return logps
+                                   chunk_size, with_entropy=with_entropy, temperature=rollout.temperature)
 
 
 @torch.no_grad()
 def counterfactual_logps(model, rollout: Rollout, features: VisualFeatures | None, drop_visual: bool,
                          chunk_size: int = 64) -> torch.Tensor:
-    """Completion log-probs (N, Lc) under a counterfactual input, one prompt at a time with a
-    shared prefix: `drop_visual` removes the visual tokens (positions of the rest preserved);
-    otherwise `features` (e.g. temporally permuted) fill the visual placeholders."""
+    """Completion log-probs (N, Lc) under a counterfactual input: `drop_visual` removes the visual
+    tokens (positions of the rest preserved); otherwise `features` (e.g. temporally permuted; the
+    real ones give the real log-probs by the same computation) fill the visual placeholders.
+
+    The B prompts run once (left-aligned after the removal, so each ends at the last column), their
+    KV cache is repeated G times, and then all N completions run together."""
     ids = visual_tokens(model.config)
     placeholders = torch.tensor([ids.video, ids.image], device=rollout.input_ids.device)
     p, g = rollout.prompt_length, rollout.group_size
-    out = []
-    for b in range(rollout.input_ids.shape[0] // g):
-        row = b * g
-        keep = rollout.attention_mask[row, :p].bool()
-        if drop_visual:
-            keep &= ~torch.isin(rollout.input_ids[row, :p], placeholders)
-        prefix_ids = rollout.input_ids[row: row + 1, :p][:, keep]
-        if drop_visual:
-            prefix_embeds = model.get_input_embeddings()(prefix_ids)
-        else:
-            one = _features_of_prompt(features, rollout, b)
-            prefix_embeds = embed_inputs(model, prefix_ids, one, rows_per_prompt=1)
-        rows = slice(row, row + g)
-        out.append(_prefix_shared_logps(
-            model, prefix_embeds, rollout.position_ids[:, row: row + 1, :p][:, :, keep],
-            rollout.completion_ids[rows], rollout.position_ids[:, rows, p:], chunk_size))
-    return torch.cat(out, dim=0)
+    first = torch.arange(0, rollout.input_ids.shape[0], g, device=rollout.input_ids.device)
+    prompt_ids = rollout.input_ids[first, :p]
+    keep = rollout.attention_mask[first, :p].bool()
+    if drop_visual:
+        keep &= ~torch.isin(prompt_ids, placeholders)
+    # Kept tokens moved to the right end of each row, in order; the rows' leftover columns are masked.
+    width = int(keep.sum(dim=1).max())
+    take = torch.argsort(keep.int(), dim=1, stable=True)[:, p - width:]
+    prefix_mask = keep.gather(1, take)
+    prefix_ids = prompt_ids.gather(1, take)
+    positions = rollout.position_ids[..., first, :p]
+    prefix_positions = positions.gather(-1, take.expand(*positions.shape[:-2], *take.shape))
+    if drop_visual:
+        prefix_embeds = model.get_input_embeddings()(prefix_ids)
+    else:
+        prefix_embeds = embed_inputs(model, prefix_ids, features, rows_per_prompt=1)
 
-
-def _features_of_prompt(features: VisualFeatures, rollout: Rollout, b: int) -> VisualFeatures:
-    """The visual features of prompt b alone (each prompt carries one video or one image)."""
-    k = rollout.kinds[:b].count(rollout.kinds[b])  # how many prompts of the same kind come before
-    if rollout.kinds[b] == "video":
-        return VisualFeatures([features.video[k]], [], features.video_grids[k: k + 1])
-    return VisualFeatures([], [features.image[k]], None)
+    lm = model.model.language_model
+    prefix = lm(inputs_embeds=prefix_embeds, position_ids=prefix_positions, attention_mask=prefix_mask.long(),
+                use_cache=True)
+    cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
+    cache.batch_repeat_interleave(g)
+    completion_ids = rollout.completion_ids
+    mask = torch.cat([prefix_mask.long().repeat_interleave(g, dim=0), torch.ones_like(completion_ids)], dim=1)
+    rest = lm(inputs_embeds=model.get_input_embeddings()(completion_ids), position_ids=rollout.position_ids[..., p:],
+              attention_mask=mask, cache=cache, use_cache=True)
+    hidden = torch.cat([prefix.last_hidden_state[:, -1:].repeat_interleave(g, dim=0),
+                        rest.last_hidden_state[:, :-1]], dim=1)
+    logps, _ = token_logps_and_entropy(hidden, model.get_output_embeddings(), completion_ids, chunk_size,
+                                       with_entropy=False, temperature=rollout.temperature)
+    return logps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +283,7 @@ def naive_logps(model, rollout: Rollout, condition: str, permutations: list[torc
     elif condition != "real":
         raise ValueError(f"unknown condition {condition!r}")
     logits = model(input_ids=rollout.input_ids, attention_mask=attention_mask, position_ids=rollout.position_ids,
-                   **visual).logits.float()
+                   **visual).logits.float() / rollout.temperature
     model.model.rope_deltas = None
     p = rollout.prompt_length
     logps = torch.log_softmax(logits[:, p - 1: -1], dim=-1)

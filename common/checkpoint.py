@@ -28,7 +28,9 @@ def save_checkpoint(accelerator, model, processor, path: Path, progress: dict | 
     accelerator.wait_for_everyone()
     hf_model, state = accelerator.unwrap_model(model), accelerator.get_state_dict(model)
     if not hasattr(hf_model, "save_pretrained"):  # a thin module around the HF model (train_ktr's PolicyLogps)
-        hf_model, state = hf_model.model, {k.removeprefix("model."): v for k, v in state.items()}
+        # (under ZeRO-3 only the main process receives the consolidated state dict; the others get None)
+        hf_model = hf_model.model
+        state = None if state is None else {k.removeprefix("model."): v for k, v in state.items()}
     # Loaded under ZeRO-3 (zero.Init), transformers records its legacy renamings too, and reverting
     # them on save writes "model.model.*" keys that no loader reads; the default mapping writes the
     # checkpoint format every other path writes (tests/test_train_ktr.py::test_deepspeed_configs_train).

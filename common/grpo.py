@@ -99,8 +99,10 @@ def _entropy_from_logp(logp: Tensor) -> Tensor:
     return -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
 
 
-def _chunk_logps(hidden: Tensor, lm_head: Callable[[Tensor], Tensor], targets: Tensor, with_entropy: bool):
-    logp = lm_head(hidden).float().log_softmax(dim=-1)
+def _chunk_logps(hidden: Tensor, lm_head: Callable[[Tensor], Tensor], targets: Tensor, with_entropy: bool,
+                 temperature: float = 1.0):
+    logits = lm_head(hidden).float()
+    logp = (logits if temperature == 1.0 else logits / temperature).log_softmax(dim=-1)
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return token_logp, None
@@ -115,8 +117,12 @@ def token_logps_and_entropy(
     targets: Tensor,
     chunk_size: int = 64,
     with_entropy: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-prob of `targets` (N, L) under logits lm_head(hidden) (N, L, H), plus detached entropy.
+    """Per-token log-prob of `targets` (N, L) under logits lm_head(hidden) / temperature, plus detached entropy.
+
+    `temperature` is the sampling temperature, so that the log-probs (and entropies) are those of
+    the distribution the completions were sampled from (TRL does the same); 1 = the raw logits.
 
     A (N, L, V) float32 logits tensor is never built: logits are made chunk_size positions at a
     time and upcast per chunk. When a gradient is needed each chunk is checkpointed, so backward
@@ -131,9 +137,9 @@ def token_logps_and_entropy(
         span = slice(start, start + chunk_size)
         args = (hidden[:, span], lm_head, targets[:, span])
         if needs_grad:
-            token_logp, entropy = checkpoint(_chunk_logps, *args, with_entropy, use_reentrant=False)
+            token_logp, entropy = checkpoint(_chunk_logps, *args, with_entropy, temperature, use_reentrant=False)
         else:
-            token_logp, entropy = _chunk_logps(*args, with_entropy)
+            token_logp, entropy = _chunk_logps(*args, with_entropy, temperature)
         logps.append(token_logp)
         entropies.append(entropy)
     entropy = torch.cat(entropies, dim=1) if with_entropy else None
@@ -192,8 +198,13 @@ def grpo_loss(
     aggregation: str = "sequence_mean",
     max_completion_length: int | None = None,
     kl_on_all_tokens: bool = False,
+    kl_clamp: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO objective + beta * k3 KL, each aggregated over its token mask.
+
+    kl_clamp: clamp the log-ratio (ref - policy) to [-kl_clamp, kl_clamp] before k3, as the
+    Video-R1 / Video-KTR code does with 10 (bounds the penalty of a token the reference finds
+    near impossible); None = no clamp.
 
     old_logps None means one update per rollout: the ratio is 1 in value and the gradient is
     A * grad logp. Metrics: "policy_loss" and "kl_loss" are the aggregated terms
@@ -213,6 +224,8 @@ def grpo_loss(
         raise ValueError("beta > 0 needs ref_logps")
     if ref_logps is not None:
         delta = ref_logps - logps
+        if kl_clamp is not None:
+            delta = delta.clamp(-kl_clamp, kl_clamp)
         per_token_kl = torch.exp(delta) - delta - 1.0
         kl_metric = _aggregate(per_token_kl.detach(), completion, "token_mean", None).item()
         if beta > 0:

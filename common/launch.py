@@ -20,16 +20,18 @@ def deepspeed_requested() -> bool:
 
 
 def make_accelerator(**kwargs):
-    """Accelerator on the GPUs, or on the CPU when there is no CUDA. DeepSpeed runs without CUDA too
-    (DS_ACCELERATOR=cpu), but only as one process: accelerate counts a single process when it is
-    not told to use the CPU, and it never starts DeepSpeed when it is, so more fail here, early."""
-    from accelerate import Accelerator
+    """Accelerator on the GPUs, or on the CPU when there is no CUDA.
+
+    DeepSpeed runs without CUDA too (DS_ACCELERATOR=cpu), across several processes as well: accelerate
+    picks no process-group backend for it there and would count one process while DeepSpeed sees all
+    of them, so the process state is created first with gloo (ENVIRONMENT.md, "DeepSpeed ZeRO-3 across
+    2 CPU processes"). accelerate never starts DeepSpeed when told to use the CPU, so it is not told."""
+    from accelerate import Accelerator, PartialState
 
     cpu = not torch.cuda.is_available()
     if cpu and deepspeed_requested():
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError("DeepSpeed without CUDA runs only as a single process here (accelerate would count "
-                               "1 process for several); use --num_processes 1, or a DDP config on CPU")
+            PartialState(backend="gloo")
         cpu = False
     accelerator = Accelerator(cpu=cpu, **kwargs)
     plugin = accelerator.state.deepspeed_plugin

@@ -238,15 +238,17 @@ def length_reward(
     max_len: int,
     bonus: float = 0.2,
     threshold: float = 1.0,
+    n_tokens: int | None = None,
 ) -> float:
     """``bonus`` if ``accuracy >= threshold`` and the completion's length is in [min_len, max_len].
 
-    Length = number of whitespace-separated words of the whole completion (tags included),
-    which needs no tokenizer and so is identical in training and evaluation. Only correct
+    Length = ``n_tokens`` when given (Video-R1's rule: 320..512 completion tokens), otherwise the
+    number of whitespace-separated words of the whole completion (tags included), which needs no
+    tokenizer and so is identical in training and evaluation. Only correct
     answers are rewarded so the bonus cannot be farmed by padding wrong answers; the
     default threshold 1.0 means fully correct (lower it for graded types like free-form).
     """
     if min_len > max_len:
         raise ValueError(f"min_len ({min_len}) > max_len ({max_len})")
-    n_words = len(completion.split())
-    return bonus if accuracy >= threshold and min_len <= n_words <= max_len else 0.0
+    length = len(completion.split()) if n_tokens is None else n_tokens
+    return bonus if accuracy >= threshold and min_len <= length <= max_len else 0.0

@@ -2,6 +2,7 @@
 (vision re-encoded per condition, full float32 logits), and a training step with every signal
 off is plain GRPO."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,12 +13,13 @@ from common.attribution import (
     build_rollout,
     counterfactual_logps,
     naive_logps,
+    permute_frame_pixels,
     permute_temporal_patches,
     policy_logps,
     temporal_permutation,
     visual_features,
 )
-from common.grpo import grpo_loss
+from common.grpo import grpo_loss, key_token_mask
 from common.models import load_model, load_processor, model_inputs, visual_tokens
 from common.video import read_frames
 
@@ -121,3 +123,81 @@ def test_step_with_all_signals_off_is_plain_grpo(setup):
     for name, grad in ours.items():
         assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
 
+
+
+def test_frame_shuffle_pixels_equal_the_processor_on_shuffled_frames(setup):
+    """permute_frame_pixels reorders single frames in the flat pixel layout exactly as running the
+    processor on the shuffled frames does (the frame_shuffle counterfactual needs no re-decoding)."""
+    model, processor, _, clips, _ = setup
+    clip = clips[0]
+    perm = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])
+    original = model_inputs(processor, ["q"], [clip])
+    shuffled_clip = dataclasses.replace(clip, frames=clip.frames[perm.numpy()])
+    expected = model_inputs(processor, ["q"], [shuffled_clip])["pixel_values_videos"]
+    vision = model.config.vision_config
+    ours = permute_frame_pixels(original["pixel_values_videos"], original["video_grid_thw"], [perm],
+                                vision.temporal_patch_size, vision.patch_size)
+    assert torch.equal(ours, expected)
+    assert not torch.equal(ours, original["pixel_values_videos"])
+
+
+def test_temperature_logps_are_those_of_the_sampling_distribution(setup):
+    model, processor, records, clips, _ = setup
+    rollout = make_rollout(model, processor, ["q1", "q2"], clips)
+    rollout = dataclasses.replace(rollout, temperature=0.7)
+    with torch.no_grad():
+        features = visual_features(model, rollout.visual_inputs)
+        ours, _ = policy_logps(model, rollout, features, chunk_size=4)
+        shared = counterfactual_logps(model, rollout, features, drop_visual=False, chunk_size=4)
+        at_one, _ = policy_logps(model, dataclasses.replace(rollout, temperature=1.0), features, chunk_size=4)
+    valid = rollout.completion_mask
+    assert max_diff(ours, naive_logps(model, rollout, "real"), valid) <= 1e-4
+    assert max_diff(shared, ours, valid) <= 1e-4
+    assert max_diff(ours, at_one, valid) > 1e-3
+
+
+def test_image_only_batch_has_no_temporal_signal_and_does_not_crash(setup):
+    """An image-only batch (Video-R1 mixes them in): the temporal pass runs (as on every rank) and
+    every score is NaN, so the temporal signal selects nothing there."""
+    import train_ktr
+
+    model, processor, _, _, image = setup
+    rollout = make_rollout(model, processor, ["An image?", "Another?"], [image, image[:40, :50]])
+    assert rollout.kinds == ["image", "image"]
+    cfg = train_ktr.Config()
+    with torch.no_grad():
+        features = visual_features(model, rollout.visual_inputs)
+        assert permute_temporal_patches(features, []) is features
+        real = counterfactual_logps(model, rollout, features, drop_visual=False)
+        scores = train_ktr.temporal_scores(model, rollout, features, real, cfg, step=0)
+        cfg.attribution.temporal_mode = "frame_shuffle"
+        frame_scores = train_ktr.temporal_scores(model, rollout, features, real, cfg, step=0)
+    assert scores.isnan().all() and frame_scores.isnan().all()
+    mask, masks = key_token_mask({"temporal": scores}, {"temporal": 0.2}, rollout.completion_mask, G)
+    assert not mask.any()
+
+
+@pytest.mark.parametrize("mode", ["shuffle", "frame_shuffle"])
+def test_unperturbed_input_scores_exactly_zero_in_bf16(setup, mode):
+    """Under bfloat16 autocast the real log-probs of a score come from the same computation as the
+    counterfactual, so an identity "perturbation" scores exactly 0 (not bf16 noise)."""
+    model, processor, _, clips, image = setup
+    rollout = make_rollout(model, processor, ["A video?", "An image?"], [clips[0], image])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = visual_features(model, rollout.visual_inputs)
+        real = counterfactual_logps(model, rollout, features, drop_visual=False)
+        t = int(features.video_grids[0, 0])
+        if mode == "shuffle":
+            same = permute_temporal_patches(features, [torch.arange(t)])
+        else:
+            vision = model.config.vision_config
+            pixels = permute_frame_pixels(rollout.visual_inputs["pixel_values_videos"],
+                                          rollout.visual_inputs["video_grid_thw"],
+                                          [torch.arange(t * vision.temporal_patch_size)],
+                                          vision.temporal_patch_size, vision.patch_size)
+            same = visual_features(model, {**rollout.visual_inputs, "pixel_values_videos": pixels})
+        again = counterfactual_logps(model, rollout, same, drop_visual=False)
+        masked = counterfactual_logps(model, rollout, None, drop_visual=True)
+    valid = rollout.completion_mask
+    assert real.dtype == torch.float32 and (real - again)[valid].abs().max().item() == 0.0
+    assert (real - masked)[valid].abs().max().item() > 1e-3

@@ -349,3 +349,28 @@ def test_grpo_loss_rejects_inconsistent_arguments():
         grpo_loss(*args, REF, ADVANTAGES, COMPLETION, aggregation="constant")
     with pytest.raises(ValueError, match="aggregation"):
         grpo_loss(*args, REF, ADVANTAGES, COMPLETION, aggregation="sum")
+
+
+def test_grpo_loss_kl_clamp_bounds_the_log_ratio_before_k3():
+    logps = torch.tensor([[-1.0, -2.0, -30.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, -1.0]])  # the third token: log-ratio ref - policy = 29
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    adv = torch.zeros(1)
+    k3 = lambda d: (torch.exp(d) - d - 1.0).mean().item()  # noqa: E731
+    _, plain = grpo_loss(logps, None, ref, adv, mask, beta=1.0)
+    _, clamped = grpo_loss(logps, None, ref, adv, mask, beta=1.0, kl_clamp=10.0)
+    assert plain["kl_loss"] == pytest.approx(k3(torch.tensor([-0.5, 0.0, 29.0])), rel=1e-5)
+    assert clamped["kl_loss"] == pytest.approx(k3(torch.tensor([-0.5, 0.0, 10.0])), rel=1e-5)
+    loss, _ = grpo_loss(logps, None, ref, adv, mask, beta=1.0, kl_clamp=10.0)
+    loss.backward()
+    assert logps.grad[0, 2] == 0.0 and logps.grad[0, 0] != 0.0  # beyond the clamp no gradient, as in the reference
+
+
+def test_token_logps_with_temperature_are_those_of_the_scaled_logits():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(11, 8)
+    targets = torch.randint(0, 11, (2, 5))
+    logps, entropy = token_logps_and_entropy(hidden, head(weight, None), targets, chunk_size=2, temperature=0.7)
+    expected = torch.log_softmax(hidden @ weight.T / 0.7, dim=-1)
+    assert torch.allclose(logps, expected.gather(-1, targets[..., None])[..., 0], atol=1e-6)
+    assert torch.allclose(entropy, -(expected.exp() * expected).sum(-1), atol=1e-5)

@@ -1,12 +1,20 @@
 """The paper-scale recipe without weights: the 7B architecture on the meta device, the parts of
 each stage that need no real weights, and the paper's hyper-parameters in the shipped configs."""
 
+import json
+import math
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from common.config import load_config
-from common.models import QWEN2_5_VL_7B, meta_model, visual_tokens, zero3_memory_gib
+from common.data import epoch_batches
+from common.jsonl import read_jsonl
+from common.launch import cpu_launch_env, launch_command
+from common.models import QWEN2_5_VL_7B, load_model, meta_model, visual_tokens, zero3_memory_gib
 from tests.conftest import ROOT
 
 
@@ -45,7 +53,10 @@ def test_paper_configs_carry_the_papers_hyperparameters():
     assert (cfg.num_generations, cfg.lr, cfg.weight_decay, cfg.beta, cfg.max_new_tokens, cfg.max_grad_norm) == (
         8, 2e-6, 0.01, 0.04, 768, 5.0)
     assert cfg.signal_ratios == {"visual": 0.2, "temporal": 0.2, "entropy": 0.2}
-    assert cfg.frames.num == 16 and cfg.bf16 and cfg.temperature == 1.0 and cfg.top_p == 0.95
+    assert cfg.bf16 and cfg.temperature == 1.0 and cfg.top_p == 0.95 and cfg.top_k == 50 and cfg.kl_clamp == 10
+    assert (cfg.reward.length_bonus, cfg.reward.length_min, cfg.reward.length_max, cfg.reward.length_unit) == (
+        0.2, 320, 512, "tokens")
+    assert (cfg.frames.strategy, cfg.frames.fps, cfg.frames.min_frames, cfg.frames.max_frames) == ("fps", 2.0, 4, 16)
 
 
 def test_run_sh_paper_dry_run_names_missing_paths_and_plans(tmp_path):
@@ -59,3 +70,78 @@ def test_run_sh_paper_dry_run_names_missing_paths_and_plans(tmp_path):
     proc = subprocess.run(["bash", "run.sh", "paper"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 1 and "missing: RL_DATA=" in proc.stderr
+
+
+PICKED = (1, 14, 21, 12, 25, 34, 36, 45)  # videos and images of every problem type; 25 is the truncated video
+
+
+def paper_subset(video_r1_mix) -> tuple[dict, Path]:
+    records = {r["problem_id"]: r for r in json.loads(video_r1_mix.read_text())}
+    picked = [records[i] for i in PICKED]
+    assert {r["problem_type"] for r in picked} == {"multiple choice", "numerical", "OCR", "free-form", "regression"}
+    assert {r["data_type"] for r in picked} == {"video", "image"}
+    data = video_r1_mix.parent / "paper_subset.json"
+    data.write_text(json.dumps(picked))
+    return records, data
+
+
+def paper_args(model, data, out, steps) -> list[str]:
+    """configs/ktr.yaml with only the model, data, sizes, logging and attention overridden."""
+    return ["--config", "configs/ktr.yaml", f"model={model}", f"data={data}", f"output_dir={out}", "num_generations=3",
+            "max_new_tokens=24", f"max_steps={steps}", "attn_implementation=sdpa", "save_every=0", "token_log_every=1"]
+
+
+def test_shipped_ktr_config_trains_on_mixed_video_r1_data_in_bf16(answering_model_dir, video_r1_mix, tmp_path):
+    """The first real run, rehearsed: configs/ktr.yaml as shipped (bf16, gradient checkpointing, 2 fps
+    with 4..16 frames and the reference's pixel budgets, top-k 50, KL clamp, token length bonus,
+    batch_size 1), with only the model, data, sizes and attention overridden, over Video-R1-shaped
+    data: images and real mp4s of different sizes, every problem type, one truncated video."""
+    records, data = paper_subset(video_r1_mix)
+    out = tmp_path / "ktr"
+    cmd = [sys.executable, "train_ktr.py", *paper_args(answering_model_dir, data, out, steps=len(PICKED))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "1 process(es) on cpu" in proc.stdout
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == len(PICKED) - 1  # one epoch; the truncated video's step is skipped
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) for m in metrics)
+    assert metrics[0]["kl"] == 0.0  # bf16 everywhere: the reference equals the policy before the first update
+    skipped = read_jsonl(out / "skipped.jsonl")
+    assert [s["problem_id"] for s in skipped] == ["25"] and "truncated_160x120_24fps.mp4" in skipped[0]["error"]
+    trained = {row["problem_id"] for row in read_jsonl(out / "tokens.jsonl")}
+    assert trained == {str(i) for i in PICKED} - {"25"}  # never replaced by another sample
+    rows = {row["problem_id"]: row for row in read_jsonl(out / "tokens.jsonl")}
+    images = [pid for pid in trained if records[int(pid)]["data_type"] == "image"]
+    assert all(all(s is None for s in rows[pid]["scores"]["temporal"]) for pid in images)
+    assert any(any(s is not None for s in rows[pid]["scores"]["visual"]) for pid in images)
+    model = load_model(out / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_shipped_ktr_config_on_two_zero3_ranks_in_bf16_with_mixed_batches(answering_model_dir, video_r1_mix,
+                                                                           tmp_path):
+    """The same on 2 ZeRO-3 ranks in bf16 (the shipped zero3.yaml, gloo on CPU), batch_size 1 each: in
+    a step one rank may hold an image and the other a video, completions differ in length, and when
+    one rank meets the truncated video both skip that step together (no hang, nothing substituted)."""
+    records, data = paper_subset(video_r1_mix)
+    per_rank = [epoch_batches(len(PICKED), 1, 2, rank, 0, 0) for rank in (0, 1)]
+    kinds = [[records[PICKED[batches[step][0]]]["data_type"] for batches in per_rank]
+             for step in range(len(PICKED) // 2)]
+    assert ["image", "video"] in kinds or ["video", "image"] in kinds, kinds  # the case this test is for
+    out = tmp_path / "ktr2"
+    config = yaml.safe_load((ROOT / "configs" / "accelerate" / "zero3.yaml").read_text())
+    config.update(num_processes=2, use_cpu=False, mixed_precision="bf16")
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(config))
+    cmd = launch_command("train_ktr.py", paper_args(answering_model_dir, data, out, steps=len(PICKED) // 2),
+                         num_processes=2, accelerate_config=str(tmp_path / "zero3.yaml"), main_process_port=29661)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(deepspeed=True), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "accelerate: DEEPSPEED ZeRO-3, 2 process(es) on cpu" in proc.stdout
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == len(PICKED) // 2 - 1 and "skipped, a batch had no readable sample" in proc.stdout
+    assert [s["problem_id"] for s in read_jsonl(out / "skipped.jsonl")] == ["25"]
+    assert metrics[0]["kl"] == 0.0 and all(math.isfinite(m["loss"]) for m in metrics)
+    trained = read_jsonl(out / "tokens.jsonl")
+    assert {row["problem_id"] for row in trained} <= {str(i) for i in PICKED} - {"25"}
+    assert load_model(out / "final") is not None

@@ -388,6 +388,11 @@ def test_format_reward(completion, expected):
         # "<think>one", "two", "three</think>", "<answer>B</answer>" -> 4 words (tags included)
         ("<think>one two three</think> <answer>B</answer>", 1.0, 4, 4, {}, 0.2),
         ("", 1.0, 0, 3, {}, 0.2),
+        # Video-R1's rule counts completion tokens, not words
+        ("a b c d e", 1.0, 320, 512, {"n_tokens": 400}, 0.2),
+        ("a b c d e", 1.0, 320, 512, {"n_tokens": 513}, 0.0),
+        ("a b c d e", 1.0, 3, 10, {"n_tokens": 319}, 0.0),
+        ("a b c d e", 0.0, 320, 512, {"n_tokens": 400}, 0.0),
     ],
 )
 def test_length_reward(completion, accuracy, min_len, max_len, kwargs, expected):
