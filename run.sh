@@ -2,6 +2,8 @@
 # End-to-end reproduction, one stage per line; copy any line to run a stage alone.
 #
 #   bash run.sh          the whole pipeline on the tiny default (CPU, minutes)
+#   RL_SEEDS=3 bash run.sh   the same with GRPO and KTR trained and evaluated over 3 seeds
+#   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
 #   bash run.sh test     lint + the test suite
 #   bash run.sh paper [--dry-run]   the paper-scale recipe on GPUs (paths: configs/paper/paths.env)
 #
@@ -39,27 +41,46 @@ case "${1:-tiny}" in
     ruff check .
     exec python -m pytest tests
     ;;
-  tiny)  # synthetic world -> tiny model -> SFT -> labels -> Voyager -> GRPO / KTR -> evaluations
+  tiny|ablation)  # synthetic world -> tiny model -> SFT -> labels -> Voyager -> GRPO / KTR -> evaluations
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
     OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-2000}
     N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-60}
+    [ "$1" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
     DATA=$OUT/data SFT=$OUT/sft/final
+    EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
     stage model   $OUT/model/config.json      python -m common.models build-tiny --out $OUT/model --max-pixels 3136 --seed 0
     stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
       model=$OUT/model data=$DATA/train.json output_dir=$OUT/sft max_steps=$SFT_STEPS
-    stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
-      model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
-    stage voyager $OUT/voyager/voyager.json   python train_voyager.py --config configs/tiny/voyager.yaml \
-      model=$SFT labels=$OUT/labels/labels.jsonl output_dir=$OUT/voyager
-    for run in grpo ktr; do  # the same budget and seeds; configs/tiny/grpo.yaml = ktr.yaml with the signals off
-      stage $run  $OUT/$run/final/config.json python train_ktr.py --config configs/tiny/$run.yaml \
-        model=$SFT data=$DATA/train.json output_dir=$OUT/$run max_steps=$RL_STEPS
+    if [ "$1" != ablation ]; then
+      stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
+        model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
+      stage voyager $OUT/voyager/voyager.json   python train_voyager.py --config configs/tiny/voyager.yaml \
+        model=$SFT labels=$OUT/labels/labels.jsonl output_dir=$OUT/voyager
+    fi
+    stage eval_sft $OUT/eval/sft_uniform/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_uniform
+    rl() {  # rl RUN SEED [overrides...]: train RUN (a configs/tiny/ktr.yaml variant) with SEED, evaluate on test
+      local run=$1 seed=$2 config=ktr; shift 2
+      [ $run = grpo ] && config=grpo
+      local name=$run$([ $seed = 0 ] || echo _seed$seed)  # seed 0 is the default pipeline's run
+      stage $name $OUT/$name/final/config.json python train_ktr.py --config configs/tiny/$config.yaml \
+        model=$SFT data=$DATA/train.json output_dir=$OUT/$name max_steps=$RL_STEPS seed=$seed "$@"
+      stage eval_$name $OUT/eval/${name}_uniform/summary.json $EVAL model=$OUT/$name/final \
+        output_dir=$OUT/eval/${name}_uniform
+    }
+    for seed in $(seq 0 $((RL_SEEDS - 1))); do  # GRPO and KTR: the same budget and seeds (a paired comparison)
+      rl grpo $seed
+      rl ktr $seed
     done
-    EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
-    for run in sft grpo ktr; do  # question answering with 8 uniform frames
-      stage eval_$run $OUT/eval/${run}_uniform/summary.json $EVAL model=$OUT/$run/final output_dir=$OUT/eval/${run}_uniform
-    done
+    if [ "$1" = ablation ]; then  # each signal alone: configs/tiny/ktr.yaml with the other two switched off
+      for seed in $(seq 0 $((RL_SEEDS - 1))); do
+        rl ktr_visual $seed attribution.temporal=false attribution.entropy=false
+        rl ktr_temporal $seed attribution.visual=false attribution.entropy=false
+        rl ktr_entropy $seed attribution.visual=false attribution.temporal=false
+      done
+      python -m common.results --out $OUT
+      exit 0
+    fi
     stage eval_sft_all $OUT/eval/sft_all/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_all frames.strategy=all
     # frame selection: the SFT model's 8 frames picked from M = 16 (or 32) uniform candidates; uniform = eval_sft
     for m in 16 32; do
@@ -95,6 +116,6 @@ case "${1:-tiny}" in
     done; done; done
     ;;
   *)
-    echo "usage: bash run.sh [tiny|test|paper [--dry-run]]" >&2; exit 2
+    echo "usage: bash run.sh [tiny|ablation|test|paper [--dry-run]]" >&2; exit 2
     ;;
 esac

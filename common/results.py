@@ -17,6 +17,15 @@ from pathlib import Path
 from common.jsonl import read_jsonl, write_json
 
 QA_RUNS = {"sft": "sft_uniform", "grpo": "grpo_uniform", "ktr": "ktr_uniform", "sft_all_frames": "sft_all"}
+# RL runs by seed (run.sh: RL_SEEDS=N and `bash run.sh ablation`): <run>[_seed<k>] trained into OUT/<run>[_seed<k>]
+# and evaluated into eval/<run>[_seed<k>]_uniform; seed 0 has no suffix, so it is the default pipeline's run.
+RL_EVAL = re.compile(r"^(?P<run>grpo|ktr(?:_[a-z]+)?)(?:_seed(?P<seed>\d+))?_uniform$")
+# The paper's ablation (mean of Video-Holmes / VideoMMMU / MMVU at 32 frames, Video-KTR Table) next to our rows.
+PAPER_ABLATION = {"grpo": 51.1, "ktr_temporal": 52.6, "ktr_visual": 52.5, "ktr": 53.4}
+ABLATION_NAMES = {"grpo": "GRPO (no signal)", "ktr_visual": "visual only", "ktr_temporal": "temporal only",
+                  "ktr_entropy": "entropy only", "ktr": "all three (KTR)"}
+# Two-sided 95 % Student t quantiles by degrees of freedom, for intervals over a few seeds.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 FRAME_RUNS = {"uniform": "sft_uniform", "retrieval": "sft_retrieval_m16", "voyager": "sft_voyager_m16",
               "retrieval_m32": "sft_retrieval_m32", "voyager_m32": "sft_voyager_m32"}
 
@@ -83,6 +92,61 @@ def frame_entry(summary: dict) -> dict:
             "evidence_recall_by_family": summary.get("evidence_recall_by_family", {})}
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+
+def paired_interval(differences: list[float]) -> dict:
+    """Mean of paired differences with a 95 % t interval (None with fewer than 2 pairs)."""
+    m, sd = mean_std(differences)
+    n = len(differences)
+    half = T95.get(n - 1, 1.96) * sd / n ** 0.5 if n > 1 else None
+    return {"n": n, "mean": m, "per_seed": differences,
+            "ci95": None if half is None else [m - half, m + half]}
+
+
+def collect_seeds(out: Path) -> dict:
+    """Every RL run's test accuracy by seed, its mean and spread, the fraction of tokens it selected, and
+    each KTR variant's paired difference to GRPO over the seeds both have (same seeds = same prompts)."""
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted((out / "eval").glob("*_uniform/summary.json")):
+        match = RL_EVAL.match(path.parent.name)
+        if match is None:
+            continue
+        run, seed = match["run"], int(match["seed"] or 0)
+        entry = qa_entry(json.loads(path.read_text()))
+        metrics = read_jsonl(out / (run + (f"_seed{seed}" if seed else "")) / "metrics.jsonl")
+        if metrics:
+            keys = [k for k in metrics[0] if k.startswith("selected/")]
+            entry["selected"] = {k.removeprefix("selected/"): sum(m[k] for m in metrics) / len(metrics) for k in keys}
+            entry["train_reward"] = [m["reward"] for m in metrics]
+        runs.setdefault(run, {})[seed] = entry
+    table = {}
+    for run, by_seed in sorted(runs.items()):
+        accuracies = [e["accuracy"] for e in by_seed.values()]
+        families = sorted({f for e in by_seed.values() for f in e["by_family"]})
+        selected_keys = sorted({k for e in by_seed.values() for k in e.get("selected", {})})
+        table[run] = {
+            "seeds": sorted(by_seed), "accuracy": dict(zip(["mean", "std"], mean_std(accuracies), strict=True)),
+            "per_seed": {str(k): e["accuracy"] for k, e in sorted(by_seed.items())},
+            "by_family": {f: mean_std([e["by_family"][f] for e in by_seed.values() if f in e["by_family"]])[0]
+                          for f in families},
+            "selected": {k: mean_std([e["selected"][k] for e in by_seed.values() if k in e.get("selected", {})])[0]
+                         for k in selected_keys},
+            "train_reward": {str(k): e.get("train_reward", []) for k, e in sorted(by_seed.items())},
+        }
+    paired = {}
+    if "grpo" in runs:
+        for run, by_seed in runs.items():
+            common = sorted(set(by_seed) & set(runs["grpo"]))
+            if run != "grpo" and common:
+                paired[f"{run} - grpo"] = paired_interval(
+                    [by_seed[k]["accuracy"] - runs["grpo"][k]["accuracy"] for k in common])
+    return {"runs": table, "paired": paired}
+
+
 def collect(out: Path) -> dict:
     def summary(name: str) -> dict | None:
         path = out / "eval" / name / "summary.json"
@@ -90,6 +154,9 @@ def collect(out: Path) -> dict:
 
     results: dict = {"qa": {}, "frame_selection": {}, "ktr_tokens": {}, "timings": {}, "skipped": {},
                      "date": time.strftime("%Y-%m-%d")}
+    seeds = collect_seeds(out)
+    if len(seeds["runs"]) > 2 or any(len(r["seeds"]) > 1 for r in seeds["runs"].values()):
+        results["seeds"] = seeds  # only when there is more than the default one-seed GRPO / KTR pair
     for key, name in QA_RUNS.items():
         if (s := summary(name)) is not None:
             results["qa"][key] = qa_entry(s)
@@ -119,17 +186,32 @@ def plots(out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     made = []
-    runs = {name: read_jsonl(out / name / "metrics.jsonl") for name in ("grpo", "ktr")}
+    # every seed of GRPO and KTR: OUT/grpo, OUT/grpo_seed1, ...
+    runs = {name: [read_jsonl(p / "metrics.jsonl") for p in sorted(out.glob(f"{name}*"))
+                   if re.fullmatch(rf"{name}(_seed\d+)?", p.name) and (p / "metrics.jsonl").exists()]
+            for name in ("grpo", "ktr")}
     if any(runs.values()):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        for name, rows in runs.items():
-            if rows:
-                axes[0].plot([r["step"] for r in rows], [r["reward"] for r in rows], label=name)
-                axes[1].plot([r["step"] for r in rows], [r["kl"] for r in rows], label=name)
-        for ax, title in zip(axes, ("reward (mean over completions)", "KL to reference"), strict=True):
-            ax.set_title(title)
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
+        for (name, seeds), color in zip(runs.items(), ("tab:blue", "tab:orange"), strict=True):
+            if not seeds:
+                continue
+            for ax, key in zip(axes, ("reward", "accuracy", "kl"), strict=True):
+                n = min(len(rows) for rows in seeds)
+                values = np.array([[r[key] for r in rows[:n]] for rows in seeds])
+                steps = [r["step"] for r in seeds[0][:n]]
+                window = max(1, n // 10)  # moving average over a tenth of the run
+                smooth = np.array([np.convolve(v, np.ones(window) / window, mode="valid") for v in values])
+                x = steps[window - 1:]
+                ax.plot(steps, values.mean(0), color=color, alpha=0.2, linewidth=0.8)
+                ax.plot(x, smooth.mean(0), color=color, label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+                if len(seeds) > 1:
+                    ax.fill_between(x, smooth.min(0), smooth.max(0), color=color, alpha=0.15)
+        titles = ("training reward (smoothed; band = seeds' range)", "training accuracy (sampled)", "KL to reference")
+        for ax, title in zip(axes, titles, strict=True):
+            ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
             ax.legend()
         fig.tight_layout()
@@ -170,6 +252,8 @@ def markdown(results: dict, images: list[str]) -> str:
             lines.append(f"| {name} | {fmt(e['accuracy'])} | "
                          + " | ".join(fmt(e["by_family"].get(f)) for f in families) + " |")
         lines.append("")
+    if results.get("seeds"):
+        lines += seeds_markdown(results["seeds"])
     if results["frame_selection"]:
         families = sorted({f for e in results["frame_selection"].values() for f in e["by_family"]})
         lines += ["## Frame selection (the SFT model sees 8 frames picked from M = 16 candidates, or 32)", "",
@@ -202,6 +286,35 @@ def markdown(results: dict, images: list[str]) -> str:
     if results["ktr_tokens"]:
         lines += ["", "Token attributions of sampled KTR completions: [ktr/attribution.html](ktr/attribution.html)"]
     return "\n".join(lines) + "\n"
+
+
+def seeds_markdown(seeds: dict) -> list[str]:
+    """The seed comparison and the paper's ablation on the tiny default, as Markdown lines."""
+    runs = seeds["runs"]
+    families = sorted({f for r in runs.values() for f in r["by_family"]})
+    order = ["visual", "temporal", "entropy", "union"]
+    signals = sorted({k for r in runs.values() for k in r["selected"]}, key=lambda k: order.index(k) if k in order
+                     else len(order))
+    lines = ["## RL over seeds: the paper's ablation on the tiny default (test split, greedy, 8 uniform frames)", "",
+             "Accuracy is the mean ± std over seeds; per-family columns are means; the selected fractions are",
+             "averaged over training steps; the paper column is the Video-KTR ablation (mean of three benchmarks).", "",
+             "| run | seeds | accuracy | " + " | ".join(families) + " | " + " | ".join(f"sel. {k}" for k in signals)
+             + " | paper |", "|---|---|---|" + "---|" * (len(families) + len(signals) + 1)]
+    for run in sorted(runs, key=lambda r: list(ABLATION_NAMES).index(r) if r in ABLATION_NAMES else 99):
+        r = runs[run]
+        paper = PAPER_ABLATION.get(run)
+        lines.append(f"| {ABLATION_NAMES.get(run, run)} | {len(r['seeds'])} | {r['accuracy']['mean']:.3f} ± "
+                     f"{r['accuracy']['std']:.3f} | " + " | ".join(fmt(r["by_family"].get(f)) for f in families)
+                     + " | " + " | ".join(fmt(r["selected"].get(k)) for k in signals)
+                     + f" | {'' if paper is None else paper} |")
+    if seeds["paired"]:
+        lines += ["", "Paired differences to GRPO (same seeds, so the same prompts and sampling seeds):", "",
+                  "| difference | seeds | mean | 95 % interval | per seed |", "|---|---|---|---|---|"]
+        for name, d in seeds["paired"].items():
+            ci = "" if d["ci95"] is None else f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            lines.append(f"| {name} | {d['n']} | {d['mean']:+.3f} | {ci} | "
+                         + ", ".join(f"{x:+.3f}" for x in d["per_seed"]) + " |")
+    return [*lines, ""]
 
 
 def main() -> None:

@@ -31,3 +31,43 @@ def test_attribution_page_marks_each_selected_token_and_escapes_text(tmp_path):
     assert "Is 1 &lt; 2?" in page and "&lt;answer&gt;" in page
     assert page.count("border-bottom: 3px solid") == 2 + 1  # two visual tokens + the legend
     assert "visual: 1.5" in page and "selected: visual" in page
+
+
+def write_eval(out, name, accuracy, families):
+    from common.jsonl import write_json
+
+    (out / "eval" / name).mkdir(parents=True)
+    write_json(out / "eval" / name / "summary.json", {
+        "accuracy": accuracy, "n": 400, "n_failed": 0,
+        "by_source": {"question_family": {f: {"n": 100, "accuracy": a} for f, a in families.items()}}})
+
+
+def test_seed_table_means_spread_and_paired_interval_to_grpo(tmp_path):
+    """Three seeds of GRPO and KTR plus one ablation row: means, std, the paired KTR - GRPO differences
+    with a t interval, the selected fractions from training, and the paper's column in the Markdown."""
+    from common.jsonl import append_jsonl
+    from common.results import collect, markdown
+
+    grpo, ktr = [0.40, 0.44, 0.42], [0.43, 0.45, 0.47]
+    for seed, (g, k) in enumerate(zip(grpo, ktr, strict=True)):
+        suffix = f"_seed{seed}" if seed else ""
+        write_eval(tmp_path, f"grpo{suffix}_uniform", g, {"count": g + 0.1})
+        write_eval(tmp_path, f"ktr{suffix}_uniform", k, {"count": k + 0.1})
+        (tmp_path / f"ktr{suffix}").mkdir()
+        append_jsonl(tmp_path / f"ktr{suffix}" / "metrics.jsonl",
+                     [{"step": 1, "reward": 0.3, "selected/union": 0.5, "selected/visual": 0.2},
+                      {"step": 2, "reward": 0.5, "selected/union": 0.7, "selected/visual": 0.2}])
+    write_eval(tmp_path, "ktr_visual_uniform", 0.41, {"count": 0.5})
+    write_eval(tmp_path, "sft_uniform", 0.45, {"count": 0.6})  # not an RL run: not in the seed table
+    seeds = collect(tmp_path)["seeds"]
+    assert set(seeds["runs"]) == {"grpo", "ktr", "ktr_visual"}
+    assert seeds["runs"]["grpo"]["accuracy"]["mean"] == pytest.approx(0.42)
+    assert seeds["runs"]["grpo"]["accuracy"]["std"] == pytest.approx(0.02)
+    assert seeds["runs"]["ktr"]["selected"] == {"union": pytest.approx(0.6), "visual": pytest.approx(0.2)}
+    paired = seeds["paired"]["ktr - grpo"]
+    assert paired["per_seed"] == pytest.approx([0.03, 0.01, 0.05]) and paired["mean"] == pytest.approx(0.03)
+    # t(0.975, 2 dof) = 4.303, sd of the differences 0.02: half-width 4.303 * 0.02 / sqrt(3)
+    assert paired["ci95"] == pytest.approx([0.03 - 4.303 * 0.02 / 3 ** 0.5, 0.03 + 4.303 * 0.02 / 3 ** 0.5])
+    assert seeds["paired"]["ktr_visual - grpo"]["n"] == 1 and seeds["paired"]["ktr_visual - grpo"]["ci95"] is None
+    page = markdown(collect(tmp_path), [])
+    assert "| all three (KTR) | 3 | 0.450 ± 0.020 |" in page and "| 53.4 |" in page and "ktr - grpo" in page
