@@ -75,19 +75,20 @@ def test_run_sh_paper_dry_run_names_missing_paths_and_plans(tmp_path):
 PICKED = (1, 14, 21, 12, 25, 34, 36, 45)  # videos and images of every problem type; 25 is the truncated video
 
 
-def paper_subset(video_r1_mix) -> tuple[dict, Path]:
+def paper_subset(video_r1_mix, tmp_path) -> tuple[dict, Path]:
     records = {r["problem_id"]: r for r in json.loads(video_r1_mix.read_text())}
     picked = [records[i] for i in PICKED]
     assert {r["problem_type"] for r in picked} == {"multiple choice", "numerical", "OCR", "free-form", "regression"}
     assert {r["data_type"] for r in picked} == {"video", "image"}
-    data = video_r1_mix.parent / "paper_subset.json"
+    data = tmp_path / "paper_subset.json"  # its media stay in the shared fixture's folder: media_root
     data.write_text(json.dumps(picked))
     return records, data
 
 
-def paper_args(model, data, out, steps) -> list[str]:
+def paper_args(model, data, media_root, out, steps) -> list[str]:
     """configs/ktr.yaml with only the model, data, sizes, logging and attention overridden."""
-    return ["--config", "configs/ktr.yaml", f"model={model}", f"data={data}", f"output_dir={out}", "num_generations=3",
+    return ["--config", "configs/ktr.yaml", f"model={model}", f"data={data}", f"output_dir={out}",
+            f"media_root={media_root}", "num_generations=3",
             "max_new_tokens=24", f"max_steps={steps}", "attn_implementation=sdpa", "save_every=0", "token_log_every=1"]
 
 
@@ -96,9 +97,10 @@ def test_shipped_ktr_config_trains_on_mixed_video_r1_data_in_bf16(answering_mode
     with 4..16 frames and the reference's pixel budgets, top-k 50, KL clamp, token length bonus,
     batch_size 1), with only the model, data, sizes and attention overridden, over Video-R1-shaped
     data: images and real mp4s of different sizes, every problem type, one truncated video."""
-    records, data = paper_subset(video_r1_mix)
+    records, data = paper_subset(video_r1_mix, tmp_path)
     out = tmp_path / "ktr"
-    cmd = [sys.executable, "train_ktr.py", *paper_args(answering_model_dir, data, out, steps=len(PICKED))]
+    cmd = [sys.executable, "train_ktr.py", *paper_args(answering_model_dir, data, video_r1_mix.parent, out,
+                                                             steps=len(PICKED))]
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "1 process(es) on cpu" in proc.stdout
@@ -123,7 +125,7 @@ def test_shipped_ktr_config_on_two_zero3_ranks_in_bf16_with_mixed_batches(answer
     """The same on 2 ZeRO-3 ranks in bf16 (the shipped zero3.yaml, gloo on CPU), batch_size 1 each: in
     a step one rank may hold an image and the other a video, completions differ in length, and when
     one rank meets the truncated video both skip that step together (no hang, nothing substituted)."""
-    records, data = paper_subset(video_r1_mix)
+    records, data = paper_subset(video_r1_mix, tmp_path)
     per_rank = [epoch_batches(len(PICKED), 1, 2, rank, 0, 0) for rank in (0, 1)]
     kinds = [[records[PICKED[batches[step][0]]]["data_type"] for batches in per_rank]
              for step in range(len(PICKED) // 2)]
@@ -132,7 +134,8 @@ def test_shipped_ktr_config_on_two_zero3_ranks_in_bf16_with_mixed_batches(answer
     config = yaml.safe_load((ROOT / "configs" / "accelerate" / "zero3.yaml").read_text())
     config.update(num_processes=2, use_cpu=False, mixed_precision="bf16")
     (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(config))
-    cmd = launch_command("train_ktr.py", paper_args(answering_model_dir, data, out, steps=len(PICKED) // 2),
+    cmd = launch_command("train_ktr.py", paper_args(answering_model_dir, data, video_r1_mix.parent, out,
+                                                    steps=len(PICKED) // 2),
                          num_processes=2, accelerate_config=str(tmp_path / "zero3.yaml"), main_process_port=29661)
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(deepspeed=True), capture_output=True, text=True,
                           timeout=900)
