@@ -36,7 +36,8 @@ stage() {  # stage NAME DONE_MARKER command...: run unless DONE_MARKER exists, r
 }
 
 setup
-case "${1:-tiny}" in
+MODE=${1:-tiny}
+case $MODE in
   test)
     ruff check .
     exec python -m pytest tests
@@ -45,14 +46,14 @@ case "${1:-tiny}" in
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
     OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-2000}
     N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-60}
-    [ "$1" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
+    [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
     DATA=$OUT/data SFT=$OUT/sft/final
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
     stage model   $OUT/model/config.json      python -m common.models build-tiny --out $OUT/model --max-pixels 3136 --seed 0
     stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
       model=$OUT/model data=$DATA/train.json output_dir=$OUT/sft max_steps=$SFT_STEPS
-    if [ "$1" != ablation ]; then
+    if [ "$MODE" != ablation ]; then
       stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
         model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
       stage voyager $OUT/voyager/voyager.json   python train_voyager.py --config configs/tiny/voyager.yaml \
@@ -72,7 +73,7 @@ case "${1:-tiny}" in
       rl grpo $seed
       rl ktr $seed
     done
-    if [ "$1" = ablation ]; then  # each signal alone: configs/tiny/ktr.yaml with the other two switched off
+    if [ "$MODE" = ablation ]; then  # each signal alone: configs/tiny/ktr.yaml with the other two switched off
       for seed in $(seq 0 $((RL_SEEDS - 1))); do
         rl ktr_visual $seed attribution.temporal=false attribution.entropy=false
         rl ktr_temporal $seed attribution.visual=false attribution.entropy=false
