@@ -20,6 +20,7 @@ DIR/checkpoints/step_N (resumable) and DIR/final (loadable by eval.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -36,6 +37,7 @@ from common.attribution import (
     Rollout,
     VisualFeatures,
     build_rollout,
+    completion_mask_from,
     counterfactual_logps,
     permute_frame_pixels,
     permute_temporal_patches,
@@ -45,7 +47,7 @@ from common.attribution import (
 )
 from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
 from common.config import parse_config, require, save_config
-from common.data import build_prompt, epoch_batches, load_samples
+from common.data import Sample, build_prompt, epoch_batches, load_samples
 from common.frames import FramesConfig, load_batch, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
 from common.jsonl import append_jsonl, write_json
@@ -120,6 +122,8 @@ class Config:
     log_every: int = 1
     token_log_every: int = 1  # write which tokens were selected every N steps (0 = never)
     html_samples: int = 12  # completions shown in attribution.html
+    scale_advantages: bool = True  # false = Dr. GRPO: advantages centred in the group, not divided by its std
+    dynamic_sampling: int = 0  # DAPO: rounds of replacing zero-advantage groups by fresh prompts (0 = off)
     on_bad_video: Literal["skip", "stop"] = "skip"
     trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb]
     resume: bool = True
@@ -142,6 +146,7 @@ class Config:
         require(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         require(self.epsilon >= 0, "epsilon", f"must be >= 0, got {self.epsilon}")
         require(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        require(self.dynamic_sampling >= 0, "dynamic_sampling", f"must be >= 0 (0 = off), got {self.dynamic_sampling}")
         require(self.kl_clamp >= 0, "kl_clamp", f"must be >= 0 (0 = off), got {self.kl_clamp}")
         self.frames.validate()
 
@@ -179,6 +184,50 @@ def rewards_of(completions: list[str], samples: list, n_tokens: list[int], cfg: 
                           n_tokens=n if r.length_unit == "tokens" else None)
             for c, a, n in zip(completions, accuracy, n_tokens, strict=True)])
     return out
+
+
+@dataclass
+class Group:
+    """One prompt's G sampled completions and their rewards."""
+
+    sample: Sample
+    visual: object  # the Clip or image the prompt was built with
+    completion_ids: torch.Tensor  # (G, L) on the CPU, right-padded after each completion's end
+    completions: list[str]
+    reward_parts: dict[str, torch.Tensor]  # each reward function's (G,) values
+    rewards: torch.Tensor  # (G,) weighted sum
+
+    @property
+    def informative(self) -> bool:
+        """Rewards that differ within the group: the only groups with a policy gradient."""
+        return bool(self.rewards.max() > self.rewards.min())
+
+
+def sample_groups(model, processor, eos_ids: list[int], cfg: Config, batch: list[Sample], visuals: list, *,
+                  context, autocast) -> tuple[list[Group], object]:
+    """G completions per prompt, sampled with exactly the config's decoding, decoded and rewarded.
+    Returns the groups and the batch's processor inputs (prompts left-padded)."""
+    prompt_inputs = model_inputs(processor, [build_prompt(s) for s in batch], visuals).to(model.device)
+    with torch.no_grad(), autocast(), context():
+        generated = generate_exact(model, prompt_inputs, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                   num_return_sequences=cfg.num_generations,
+                                   bad_words_ids=[[t] for t in visual_tokens(model.config).placeholders],
+                                   synced_gpus=False)
+    model.model.rope_deltas = None
+    completion_ids = generated[:, prompt_inputs["input_ids"].shape[1]:].cpu()
+    lengths = completion_mask_from(completion_ids, eos_ids).sum(dim=1).tolist()
+    completions = [processor.tokenizer.decode(row[:n], skip_special_tokens=True)
+                   for row, n in zip(completion_ids.tolist(), lengths, strict=True)]
+    repeated = [s for s in batch for _ in range(cfg.num_generations)]
+    parts = rewards_of(completions, repeated, lengths, cfg)
+    weights = {"accuracy": cfg.reward.accuracy_weight, "format": cfg.reward.format_weight, "length": 1.0}
+    rewards = sum(weights[k] * v for k, v in parts.items())
+    g = cfg.num_generations
+    groups = [Group(s, v, completion_ids[i * g: (i + 1) * g], completions[i * g: (i + 1) * g],
+                    {k: p[i * g: (i + 1) * g] for k, p in parts.items()}, rewards[i * g: (i + 1) * g])
+              for i, (s, v) in enumerate(zip(batch, visuals, strict=True))]
+    return groups, prompt_inputs
 
 
 @contextlib.contextmanager
@@ -254,7 +303,6 @@ def main() -> None:
     model = load_model(resume_from or cfg.model, attn_implementation=cfg.attn_implementation or None)
     processor = load_processor(cfg.model, cfg.frames)
     tokenizer = processor.tokenizer
-    ids = visual_tokens(model.config)
     eos_ids = sorted({tokenizer.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or []).tolist()})
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -304,36 +352,47 @@ def main() -> None:
             step += 1
             bar.update(1)
             continue
-        prompt_inputs = model_inputs(processor, [build_prompt(s) for s in batch], visuals).to(accelerator.device)
         hf_model.eval()
-        with torch.no_grad(), accelerator.autocast(), gathered_for_generation(accelerator, policy):
-            generated = generate_exact(hf_model, prompt_inputs, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                       num_return_sequences=cfg.num_generations,
-                                       bad_words_ids=[[t] for t in ids.placeholders], synced_gpus=False)
-        hf_model.model.rope_deltas = None
+        sample = functools.partial(sample_groups, hf_model, processor, eos_ids, cfg,
+                                   context=lambda: gathered_for_generation(accelerator, policy),
+                                   autocast=accelerator.autocast)
+        groups, prompt_inputs = sample(batch, visuals)
+        zero_advantage_sampled = sum(not g.informative for g in groups) / len(groups)
+        # DAPO's dynamic sampling: a group whose G rewards are all equal gives no policy gradient, so it
+        # is replaced by a group for a fresh prompt, for at most `dynamic_sampling` rounds.
+        rounds = 0
+        while rounds < cfg.dynamic_sampling and not all(g.informative for g in groups):
+            rounds += 1
+            missing = sum(not g.informative for g in groups)
+            rng = np.random.default_rng([cfg.seed, step, accelerator.process_index, rounds])
+            extra, extra_visuals = load_batch([samples[i] for i in rng.choice(len(samples), missing, replace=False)],
+                                              select, cfg.on_bad_video, out / "skipped.jsonl", step=step)
+            fresh = sample(extra, extra_visuals)[0] if extra else []
+            ranked = sorted(groups + fresh, key=lambda g: not g.informative)  # stable: informative first
+            groups, prompt_inputs = ranked[: len(groups)], None
         hf_model.train()
-        completion_ids = generated[:, prompt_inputs["input_ids"].shape[1]:]
+        batch = [g.sample for g in groups]
+        if prompt_inputs is None:  # the groups changed: the prompts of the groups kept
+            prompt_inputs = model_inputs(processor, [build_prompt(s) for s in batch], [g.visual for g in groups])
+        prompt_inputs = prompt_inputs.to(accelerator.device)
+        width = max(g.completion_ids.shape[1] for g in groups)
         # Every process pads its completions to the longest on any process, so that all of them make
         # the same number of chunked output-layer calls (under ZeRO-3 each call is a collective).
-        lengths_by_rank = [completion_ids.shape[1]]
+        lengths_by_rank = [width]
         if accelerator.num_processes > 1:
-            lengths_by_rank = accelerator.gather(torch.tensor([completion_ids.shape[1]],
-                                                              device=accelerator.device)).tolist()
-        rollout = build_rollout(hf_model, prompt_inputs, completion_ids, cfg.num_generations, eos_ids,
-                                temperature=cfg.temperature, pad_to=max(lengths_by_rank),
+            lengths_by_rank = accelerator.gather(torch.tensor([width], device=accelerator.device)).tolist()
+        completion_ids = torch.cat([torch.nn.functional.pad(g.completion_ids, (0, width - g.completion_ids.shape[1]),
+                                                            value=tokenizer.pad_token_id) for g in groups])
+        rollout = build_rollout(hf_model, prompt_inputs, completion_ids.to(accelerator.device), cfg.num_generations,
+                                eos_ids, temperature=cfg.temperature, pad_to=max(lengths_by_rank),
                                 pad_token_id=tokenizer.pad_token_id)
-        lengths = rollout.completion_mask.sum(dim=1).tolist()
-        completions = [tokenizer.decode(row[:n], skip_special_tokens=True)
-                       for row, n in zip(rollout.completion_ids.tolist(), lengths, strict=True)]
+        completions = [c for g in groups for c in g.completions]
         timings["generation"] = time.time() - t0
 
         # ---- rewards -> group-normalised advantages ------------------------------------------
-        repeated = [s for s in batch for _ in range(cfg.num_generations)]
-        reward_parts = rewards_of(completions, repeated, lengths, cfg)
-        weights = {"accuracy": cfg.reward.accuracy_weight, "format": cfg.reward.format_weight, "length": 1.0}
-        rewards = sum(weights[k] * v for k, v in reward_parts.items()).to(accelerator.device)
-        advantages = group_advantages(rewards, cfg.num_generations)
+        reward_parts = {k: torch.cat([g.reward_parts[k] for g in groups]) for k in groups[0].reward_parts}
+        rewards = torch.cat([g.rewards for g in groups]).to(accelerator.device)
+        advantages = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_advantages)
 
         # ---- policy forward + attribution signals -> key-token mask ---------------------------
         # Every pass runs in the configured precision (autocast), the policy's as well as the no-grad ones.
@@ -400,6 +459,8 @@ def main() -> None:
             "completion_length_by_rank": lengths_by_rank,  # generated lengths before padding to the longest
             "all_correct_groups": (group_acc == 1).all(dim=1).float().mean().item(),
             "all_wrong_groups": (group_acc == 0).all(dim=1).float().mean().item(),
+            "zero_advantage_groups_sampled": zero_advantage_sampled,  # before dynamic sampling replaced any
+            "dynamic_sampling_rounds": rounds,
             "selected/union": (key_mask & valid).sum().item() / valid.sum().item() if key_mask is not None else 1.0,
             **{f"selected/{k}": (m & valid).sum().item() / valid.sum().item() for k, m in signal_masks.items()},
             **signal_overlaps(signal_masks), **loss_metrics,

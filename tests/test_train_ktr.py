@@ -171,6 +171,22 @@ def test_frame_shuffle_counterfactual_runs_and_selects_temporal_tokens(answering
     assert any(abs(x) > 1e-4 for x in scores)  # the re-encoded shuffled frames changed the log-probs
 
 
+def test_dynamic_sampling_replaces_zero_advantage_groups(answering_model_dir, tiny_world_dir, tmp_path):
+    """DAPO's dynamic sampling: groups whose rewards are all equal are replaced by fresh prompts' groups;
+    with Dr. GRPO's unscaled advantages as well (both switches at once keeps the suite short)."""
+    out = tmp_path / "dapo"
+    run(ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "dynamic_sampling=3",
+                 "scale_advantages=false", "attribution.visual=false", "attribution.temporal=false",
+                 "attribution.entropy=false"))
+    metrics = read_jsonl(out / "metrics.jsonl")
+    sampled = [m["zero_advantage_groups_sampled"] for m in metrics]
+    kept = [m["all_correct_groups"] + m["all_wrong_groups"] for m in metrics]
+    assert any(s > 0 for s in sampled), "no zero-advantage group was sampled: the test would prove nothing"
+    assert all(k <= s for k, s in zip(kept, sampled, strict=True))
+    assert any(m["dynamic_sampling_rounds"] > 0 and k < s for m, k, s in zip(metrics, kept, sampled, strict=True))
+    assert all(m["dynamic_sampling_rounds"] <= 3 for m in metrics)
+
+
 def test_zero3_on_two_ranks_with_different_lengths_saves_what_ddp_saves(answering_model_dir, tiny_world_dir,
                                                                           tmp_path):
     """Real ZeRO-3 sharding across 2 processes (the shipped zero3.yaml, gloo on CPU): the ranks sample
