@@ -20,7 +20,6 @@ DIR/checkpoints/step_N (resumable) and DIR/final (loadable by eval.py).
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import time
@@ -203,17 +202,16 @@ class Group:
         return bool(self.rewards.max() > self.rewards.min())
 
 
-def sample_groups(model, processor, eos_ids: list[int], cfg: Config, batch: list[Sample], visuals: list, *,
-                  context, autocast) -> tuple[list[Group], object]:
-    """G completions per prompt, sampled with exactly the config's decoding, decoded and rewarded.
-    Returns the groups and the batch's processor inputs (prompts left-padded)."""
+def sample_groups(model, processor, eos_ids: list[int], cfg: Config, batch: list[Sample], visuals: list
+                  ) -> tuple[list[Group], object]:
+    """G completions per prompt, sampled with exactly the config's decoding (the visual placeholders
+    banned), decoded and rewarded. Returns the groups and the batch's processor inputs (left-padded)."""
     prompt_inputs = model_inputs(processor, [build_prompt(s) for s in batch], visuals).to(model.device)
-    with torch.no_grad(), autocast(), context():
-        generated = generate_exact(model, prompt_inputs, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-                                   temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                   num_return_sequences=cfg.num_generations,
-                                   bad_words_ids=[[t] for t in visual_tokens(model.config).placeholders],
-                                   synced_gpus=False)
+    generated = generate_exact(model, prompt_inputs, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                               num_return_sequences=cfg.num_generations,
+                               bad_words_ids=[[t] for t in visual_tokens(model.config).placeholders],
+                               synced_gpus=False)
     model.model.rope_deltas = None
     completion_ids = generated[:, prompt_inputs["input_ids"].shape[1]:].cpu()
     lengths = completion_mask_from(completion_ids, eos_ids).sum(dim=1).tolist()
@@ -353,23 +351,23 @@ def main() -> None:
             bar.update(1)
             continue
         hf_model.eval()
-        sample = functools.partial(sample_groups, hf_model, processor, eos_ids, cfg,
-                                   context=lambda: gathered_for_generation(accelerator, policy),
-                                   autocast=accelerator.autocast)
-        groups, prompt_inputs = sample(batch, visuals)
-        zero_advantage_sampled = sum(not g.informative for g in groups) / len(groups)
-        # DAPO's dynamic sampling: a group whose G rewards are all equal gives no policy gradient, so it
-        # is replaced by a group for a fresh prompt, for at most `dynamic_sampling` rounds.
-        rounds = 0
-        while rounds < cfg.dynamic_sampling and not all(g.informative for g in groups):
-            rounds += 1
-            missing = sum(not g.informative for g in groups)
-            rng = np.random.default_rng([cfg.seed, step, accelerator.process_index, rounds])
-            extra, extra_visuals = load_batch([samples[i] for i in rng.choice(len(samples), missing, replace=False)],
-                                              select, cfg.on_bad_video, out / "skipped.jsonl", step=step)
-            fresh = sample(extra, extra_visuals)[0] if extra else []
-            ranked = sorted(groups + fresh, key=lambda g: not g.informative)  # stable: informative first
-            groups, prompt_inputs = ranked[: len(groups)], None
+        # One gather for the whole rollout under ZeRO-3 (a collective), however many rounds a rank samples.
+        with torch.no_grad(), accelerator.autocast(), gathered_for_generation(accelerator, policy):
+            groups, prompt_inputs = sample_groups(hf_model, processor, eos_ids, cfg, batch, visuals)
+            zero_advantage_sampled = sum(not g.informative for g in groups) / len(groups)
+            # DAPO's dynamic sampling: a group whose G rewards are all equal gives no policy gradient, so
+            # it is replaced by a group for a fresh prompt, for at most `dynamic_sampling` rounds.
+            rounds = 0
+            while rounds < cfg.dynamic_sampling and not all(g.informative for g in groups):
+                rounds += 1
+                missing = sum(not g.informative for g in groups)
+                picks = np.random.default_rng([cfg.seed, step, accelerator.process_index, rounds]).choice(
+                    len(samples), missing, replace=False)
+                extra, extra_visuals = load_batch([samples[i] for i in picks], select, cfg.on_bad_video,
+                                                  out / "skipped.jsonl", step=step)
+                fresh = sample_groups(hf_model, processor, eos_ids, cfg, extra, extra_visuals)[0] if extra else []
+                ranked = sorted(groups + fresh, key=lambda g: not g.informative)  # stable: informative first
+                groups, prompt_inputs = ranked[: len(groups)], None
         hf_model.train()
         batch = [g.sample for g in groups]
         if prompt_inputs is None:  # the groups changed: the prompts of the groups kept

@@ -193,9 +193,10 @@ def test_zero3_on_two_ranks_with_different_lengths_saves_what_ddp_saves(answerin
     completions of different lengths, yet make the same sequence of sharded calls (no hang), and
     the saved model equals the one plain DDP saves after the same steps (same seeds and prompts).
     With chunks of 4 positions, unpadded lengths would give the ranks different numbers of
-    output-layer calls: measured, gloo then fails with "collective mismatch"."""
+    output-layer calls: measured, gloo then fails with "collective mismatch". Dynamic sampling makes
+    the ranks sample different numbers of rounds, which must not matter either."""
     args = ktr_args(answering_model_dir, tiny_world_dir / "train.json", tmp_path / "x", "max_steps=3", "batch_size=1",
-                    "max_new_tokens=16", "attribution.chunk_size=4")
+                    "max_new_tokens=16", "attribution.chunk_size=4", "dynamic_sampling=2")
     ddp, zero3 = tmp_path / "ddp", tmp_path / "zero3"
     run([*args, f"output_dir={ddp}"], num_processes=2, port=29641)
     cmd = launch_command("train_ktr.py", [*args, f"output_dir={zero3}"], num_processes=2, main_process_port=29642,
@@ -213,6 +214,7 @@ def test_zero3_on_two_ranks_with_different_lengths_saves_what_ddp_saves(answerin
         [m["completion_length_by_rank"] for m in metrics]
     assert [m["completion_length_by_rank"] for m in metrics] == [m["completion_length_by_rank"]
                                                                  for m in read_jsonl(ddp / "metrics.jsonl")]
+    assert any(m["dynamic_sampling_rounds"] > 0 for m in metrics)
     # The same losses and gradients step by step (a missing or doubled gradient average would show here) ...
     for ours, reference in zip(metrics, read_jsonl(ddp / "metrics.jsonl"), strict=True):
         assert ours["kl"] == pytest.approx(reference["kl"], abs=1e-5)
