@@ -140,3 +140,28 @@ def test_bad_decoding_or_frames_values_name_the_key(tiny_model_dir, tiny_world_d
     args = eval_args(tiny_model_dir, tiny_world_dir / "test.json", tmp_path / "o", override)
     proc = subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-2000:]
+
+
+def test_headroom_counts_sampled_mode_pass_and_zero_advantage():
+    from eval import headroom
+
+    rows = [  # greedy wrong, but the most frequent sample is right: room for RL to sharpen
+        {"reward": 0.0, "sample_predictions": ["A", "A", "B"], "sample_rewards": [1.0, 1.0, 0.0]},
+        # every sample wrong: a zero-advantage group
+        {"reward": 1.0, "sample_predictions": ["C", "C", None], "sample_rewards": [0.0, 0.0, 0.0]}]
+    assert headroom(rows) == pytest.approx({
+        "n": 2, "num_samples": 3, "greedy_accuracy": 0.5, "sampled_accuracy": (2 / 3) / 2, "pass_at_k": 0.5,
+        "mode_accuracy": 0.5, "zero_advantage_groups": 0.5})
+
+
+def test_num_samples_adds_the_headroom_per_family(answering_model_dir, tiny_world_dir, tmp_path):
+    out = tmp_path / "headroom"
+    proc = run_eval(eval_args(answering_model_dir, tiny_world_dir / "test.json", out, "num_samples=4"))
+    rows, summary = predictions(out), json.loads((out / "summary.json").read_text())
+    assert all(len(r["sample_rewards"]) == len(r["sample_predictions"]) == 4 for r in rows)
+    overall = summary["sampled"]["overall"]
+    assert overall["sampled_accuracy"] == pytest.approx(sum(sum(r["sample_rewards"]) for r in rows) / (4 * len(rows)))
+    assert overall["greedy_accuracy"] == pytest.approx(summary["accuracy"])
+    assert set(summary["sampled"]["by_family"]) == {r["question_family"] for r in rows}
+    assert summary["decoding"]["samples"] == {"num_samples": 4, "temperature": 1.0, "top_p": 0.95, "top_k": 0}
+    assert "headroom for RL" in proc.stdout
