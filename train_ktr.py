@@ -49,10 +49,10 @@ from common.config import parse_config, require, save_config
 from common.data import Sample, build_prompt, epoch_batches, load_samples
 from common.frames import FramesConfig, load_batch, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
-from common.jsonl import append_jsonl, write_json
+from common.jsonl import append_jsonl, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
 from common.models import generate_exact, load_model, load_processor, model_inputs, model_path_ok, visual_tokens
-from common.report import write_attribution_html
+from common.report import prompt_key, prompt_media, selection_summary, tracker_scalars, write_attribution_html
 from common.rewards import accuracy_reward, format_reward, length_reward
 
 
@@ -328,7 +328,8 @@ def main() -> None:
         step = load_progress(accelerator, resume_from)["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
 
-    html_records: list[dict] = []
+    html_records: list[dict] = []  # the last groups' token rows, and their frames keyed by prompt_key
+    html_media: dict[str, dict] = {}
     bar = tqdm(total=total_steps, initial=step, desc="ktr" if cfg.signal_ratios else "grpo", unit="step",
                disable=not accelerator.is_main_process)
     while step < total_steps:
@@ -397,7 +398,7 @@ def main() -> None:
         t0 = time.time()
         with accelerator.autocast():
             logps, entropy, features = policy(rollout, cfg.attribution.chunk_size, "entropy" in cfg.signal_ratios)
-        scores = {}
+        scores, orders = {}, []  # orders: each video's frame order in the temporal counterfactual (the page)
         with torch.no_grad(), accelerator.autocast():
             features = VisualFeatures([f.detach() for f in features.video], [f.detach() for f in features.image],
                                       features.video_grids)
@@ -410,7 +411,7 @@ def main() -> None:
                 scores["visual"] = counterfactual_scores(real_logps, visual_removed_logps(hf_model, rollout, features,
                                                                                           cfg), cfg.attribution.score)
             if "temporal" in cfg.signal_ratios and any_rank(accelerator, "video" in rollout.kinds):
-                scores["temporal"] = temporal_scores(hf_model, rollout, features, real_logps, cfg, step)
+                scores["temporal"] = temporal_scores(hf_model, rollout, features, real_logps, cfg, step, orders)
             elif "temporal" in cfg.signal_ratios:  # images only: no temporal signal, nothing selected by it
                 scores["temporal"] = torch.full_like(real_logps, math.nan)
             if "entropy" in cfg.signal_ratios:
@@ -469,12 +470,14 @@ def main() -> None:
             if step % cfg.log_every == 0 or step == total_steps:
                 append_jsonl(out / "metrics.jsonl", [metrics])
                 if cfg.trackers:
-                    accelerator.log(metrics, step=step)
+                    accelerator.log(tracker_scalars(metrics), step=step)
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", sel=f"{metrics['selected/union']:.2f}")
             if cfg.token_log_every and step % cfg.token_log_every == 0:
-                rows = token_rows(tokenizer, batch, rollout, completions, reward_parts, scores, signal_masks, step)
+                rows = token_rows(tokenizer, batch, rollout, completions, reward_parts, scores, signal_masks, step,
+                                  advantages)
                 append_jsonl(out / "tokens.jsonl", rows)
-                html_records = (html_records + rows)[-cfg.html_samples:]
+                html_records, html_media = page_groups(html_records, html_media, rows, groups, rollout.kinds, orders,
+                                                       cfg)
         stopping = cfg.stop_after and step >= cfg.stop_after and step < total_steps
         if (cfg.save_every and step % cfg.save_every == 0 and step < total_steps) or stopping:
             save_checkpoint(accelerator, policy, processor, out / "checkpoints" / f"step_{step:06d}",
@@ -486,7 +489,8 @@ def main() -> None:
     check_replicas_agree(accelerator, policy, out)
     save_checkpoint(accelerator, policy, processor, out / "final")
     if accelerator.is_main_process:
-        write_attribution_html(html_records, out / "attribution.html", title=f"{out.name}: key tokens")
+        write_attribution_html(html_records, out / "attribution.html", title=f"{out.name}: key tokens",
+                               media=html_media, summary=selection_summary(read_jsonl(out / "tokens.jsonl")))
         print(f"final model -> {out / 'final'}\nmetrics -> {out / 'metrics.jsonl'}\n"
               f"token attributions -> {out / 'attribution.html'}")
     accelerator.end_training()
@@ -504,10 +508,11 @@ def visual_removed_logps(model, rollout: Rollout, features: VisualFeatures, cfg:
 
 
 def temporal_scores(model, rollout: Rollout, features: VisualFeatures, real_logps: torch.Tensor, cfg: Config,
-                    step: int) -> torch.Tensor:
+                    step: int, orders: list | None = None) -> torch.Tensor:
     """logp(real order) - logp(perturbed order). Whole temporal patches of the cached vision features
     are permuted (no re-encoding), or for frame_shuffle single frames are, and the videos re-encoded
-    once. Image prompts have no temporal signal: NaN, never selected."""
+    once. Image prompts have no temporal signal: NaN, never selected. `orders`, if given, receives each
+    video's perturbed order as frame positions (position i showed frame orders[v][i]), for the page."""
     a = cfg.attribution
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     grids = features.video_grids.tolist() if features.video_grids is not None else []
@@ -522,6 +527,9 @@ def temporal_scores(model, rollout: Rollout, features: VisualFeatures, real_logp
     else:
         perms = [temporal_permutation(t, a.temporal_mode, generator, a.temporal_segments) for t, _, _ in grids]
         perturbed = permute_temporal_patches(features, perms)
+    if orders is not None:  # frame positions: a temporal patch holds temporal_patch_size consecutive frames
+        unit = 1 if a.temporal_mode == "frame_shuffle" else model.config.vision_config.temporal_patch_size
+        orders.extend([p * unit + k for p in perm.tolist() for k in range(unit)] for perm in perms)
     shuffled = counterfactual_logps(model, rollout, perturbed, drop_visual=False, chunk_size=a.chunk_size)
     scores = counterfactual_scores(real_logps, shuffled, a.score)
     is_image = torch.tensor([k == "image" for k in rollout.kinds], device=scores.device)
@@ -553,8 +561,9 @@ def gather_mean(accelerator, metrics: dict) -> dict:
     return {**metrics, **dict(zip(keys, values.tolist(), strict=True))}
 
 
-def token_rows(tokenizer, batch, rollout: Rollout, completions, reward_parts, scores, masks, step) -> list[dict]:
-    """One row per completion: its tokens and, per signal, the scores and whether it was selected."""
+def token_rows(tokenizer, batch, rollout: Rollout, completions, reward_parts, scores, masks, step,
+               advantages: torch.Tensor | None = None) -> list[dict]:
+    """One row per completion (text only): its tokens and, per signal, the scores and whether it was selected."""
     rows = []
     for n in range(rollout.completion_ids.shape[0]):
         length = int(rollout.completion_mask[n].sum())
@@ -562,14 +571,35 @@ def token_rows(tokenizer, batch, rollout: Rollout, completions, reward_parts, sc
         sample = batch[n // rollout.group_size]
         rows.append({
             "step": step, "problem_id": sample.problem_id, "question": sample.problem,
-            "question_family": sample.question_family, "solution": sample.solution,
+            "question_family": sample.question_family, "solution": sample.solution, "options": sample.options,
             "completion": completions[n], "reward": {k: float(v[n]) for k, v in reward_parts.items()},
+            "advantage": None if advantages is None else round(float(advantages[n]), 4),
             "tokens": [tokenizer.decode([t]) for t in ids],
             "selected": {k: "".join("1" if x else "0" for x in m[n, :length].tolist()) for k, m in masks.items()},
             "scores": {k: [None if not math.isfinite(x) else round(x, 4) for x in s[n, :length].tolist()]
                        for k, s in scores.items()},
         })
     return rows
+
+
+def page_groups(records: list[dict], media: dict, rows: list[dict], groups: list[Group], kinds: list[str],
+                orders: list, cfg: Config) -> tuple[list[dict], dict]:
+    """The attribution page keeps whole groups (the advantage is relative to the group): the last
+    ceil(html_samples / G) prompts' rows, and their frames, made into thumbnails once per prompt."""
+    g = cfg.num_generations
+    keep = math.ceil(cfg.html_samples / g)
+    if keep == 0:
+        return [], {}
+    order_note = {"shuffle": "patches shuffled", "reverse": "patches reversed", "segment_shuffle": "segments shuffled",
+                  "frame_shuffle": "frames shuffled"}[cfg.attribution.temporal_mode]
+    video = itertools.count()  # orders lists the batch's videos in prompt order
+    for b, (group, kind) in enumerate(zip(groups, kinds, strict=True)):
+        order = orders[next(video)] if kind == "video" and orders else None
+        if b >= len(groups) - keep:
+            media[prompt_key(rows[b * g])] = prompt_media(group.visual, order, order_note)
+    records = (records + rows)[-keep * g:]
+    kept = {prompt_key(r) for r in records}
+    return records, {k: v for k, v in media.items() if k in kept}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from common.jsonl import read_jsonl
 from common.launch import cpu_launch_env, launch_command
 from tests.conftest import ROOT
+from tests.test_report import check_page
 
 
 def ktr_args(model, data, out, *extra):
@@ -60,8 +61,12 @@ def test_metrics_tokens_and_attribution_page_are_written(full_run):
     rows = read_jsonl(full_run / "tokens.jsonl")
     assert len(rows) == 4 * 2 * 3  # steps x prompts x generations
     assert all(len(r["selected"]["visual"]) == len(r["tokens"]) for r in rows)
+    assert all("data:" not in json.dumps(r) and r["advantage"] is not None for r in rows)  # text only
+    # html_samples=4 with G=3: whole groups, the last 2 prompts (6 completions), each with its 4 frames
     page = (full_run / "attribution.html").read_text()
-    assert page.count('class="sample"') == 4 and "title=" in page
+    parsed = check_page(page, group_size=3, n_frames=4, signals={"visual", "temporal", "entropy"})
+    assert len(parsed.groups) == 2 and all(g["order"] is not None for g in parsed.groups)
+    assert page.count('class="sample"') == 6 and "title=" in page
     assert json.loads((full_run / "replicas.json").read_text())["agree"]
 
 
@@ -169,6 +174,9 @@ def test_frame_shuffle_counterfactual_runs_and_selects_temporal_tokens(answering
     assert 0 < metrics["selected/temporal"] <= 0.5
     scores = [x for row in read_jsonl(out / "tokens.jsonl") for x in row["scores"]["temporal"]]
     assert any(abs(x) > 1e-4 for x in scores)  # the re-encoded shuffled frames changed the log-probs
+    page = check_page((out / "attribution.html").read_text(), group_size=3, n_frames=4,
+                      signals={"visual", "temporal", "entropy"})
+    assert all(g["order"] != [0, 1, 2, 3] for g in page.groups)  # single frames in their shuffled order
 
 
 def test_dynamic_sampling_replaces_zero_advantage_groups(answering_model_dir, tiny_world_dir, tmp_path):
