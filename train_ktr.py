@@ -52,7 +52,15 @@ from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_
 from common.jsonl import append_jsonl, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
 from common.models import generate_exact, load_model, load_processor, model_inputs, model_path_ok, visual_tokens
-from common.report import prompt_key, prompt_media, selection_summary, tracker_scalars, write_attribution_html
+from common.report import (
+    TRACKERS,
+    prompt_key,
+    prompt_media,
+    selection_summary,
+    start_trackers,
+    tracker_scalars,
+    write_attribution_html,
+)
 from common.rewards import accuracy_reward, format_reward, length_reward
 
 
@@ -147,6 +155,7 @@ class Config:
         require(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         require(self.dynamic_sampling >= 0, "dynamic_sampling", f"must be >= 0 (0 = off), got {self.dynamic_sampling}")
         require(self.kl_clamp >= 0, "kl_clamp", f"must be >= 0 (0 = off), got {self.kl_clamp}")
+        require(set(self.trackers) <= set(TRACKERS), "trackers", f"each must be one of {TRACKERS}, got {self.trackers}")
         self.frames.validate()
 
     @property
@@ -294,8 +303,7 @@ def main() -> None:
     select = make_selector(cfg.frames)
     if accelerator.is_main_process:
         save_config(cfg, out)
-        if cfg.trackers:
-            accelerator.init_trackers("train_ktr", config={"output_dir": str(out)})
+    start_trackers(accelerator, cfg, "train_ktr", out)
     resume_from = latest_checkpoint(out) if cfg.resume else None
 
     model = load_model(resume_from or cfg.model, attn_implementation=cfg.attn_implementation or None)

@@ -28,6 +28,7 @@ from common.frames import FramesConfig, load_batch, make_selector
 from common.jsonl import append_jsonl
 from common.launch import configure_deepspeed, make_accelerator
 from common.models import load_model, load_processor, model_inputs, model_path_ok
+from common.report import TRACKERS, start_trackers, tracker_scalars
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Config:
     keep_checkpoints: int = 2
     log_every: int = 10
     on_bad_video: str = "skip"  # skip (record in skipped.jsonl and go on) or stop
+    trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb] (offline), next to metrics.jsonl
     resume: bool = True
     seed: int = 0
 
@@ -66,6 +68,7 @@ class Config:
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         require(self.on_bad_video in ("skip", "stop"), "on_bad_video", "must be skip or stop")
+        require(set(self.trackers) <= set(TRACKERS), "trackers", f"each must be one of {TRACKERS}, got {self.trackers}")
         self.frames.validate()
 
 
@@ -82,12 +85,14 @@ def main() -> None:
     cfg = parse_config(Config)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                                   mixed_precision="bf16" if cfg.bf16 else "no")
+                                   mixed_precision="bf16" if cfg.bf16 else "no", log_with=cfg.trackers or None,
+                                   project_dir=str(out))
     torch.manual_seed(cfg.seed)
     samples = load_samples(cfg.data, cfg.media_root or None)
     select = make_selector(cfg.frames)
     if accelerator.is_main_process:
         save_config(cfg, out)
+    start_trackers(accelerator, cfg, "train_sft", out)
 
     resume_from = latest_checkpoint(out) if cfg.resume else None
     model = load_model(resume_from or cfg.model, attn_implementation=cfg.attn_implementation or None)
@@ -158,6 +163,8 @@ def main() -> None:
                            "seconds_per_step": (time.time() - t_window) / max(1, len(window) // cfg.grad_accum)}
                 if accelerator.is_main_process:
                     append_jsonl(out / "metrics.jsonl", [metrics])
+                    if cfg.trackers:
+                        accelerator.log(tracker_scalars(metrics), step=step)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 window, t_window = [], time.time()
             stopping = cfg.stop_after and cfg.stop_after <= step < total_steps

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,7 @@ from common.frames import FramesConfig, require_pixel_budget
 from common.jsonl import append_jsonl, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
 from common.models import load_model, load_processor, model_path_ok, video_max_pixels
+from common.report import TRACKERS, start_trackers, tracker_scalars
 from common.video import VideoError, read_frames, uniform_indices
 from common.voyager import (
     VoyagerHeads,
@@ -67,6 +68,7 @@ class Config:
     max_pixels: int = 0  # per-frame pixel cap of the backbone's processor; 0 = the one the labels were made at
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # backbone dtype
     log_every: int = 20
+    trackers: list[str] = field(default_factory=list)  # e.g. [tensorboard] or [wandb] (offline); x axis = epoch
     seed: int = 0
 
     def validate(self) -> None:
@@ -78,6 +80,7 @@ class Config:
         require(self.combos_per_sample >= 0, "combos_per_sample", "must be >= 0")
         require(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require_pixel_budget(self.max_pixels, "max_pixels")
+        require(set(self.trackers) <= set(TRACKERS), "trackers", f"each must be one of {TRACKERS}, got {self.trackers}")
 
 
 @dataclass
@@ -153,14 +156,15 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
 
 def main() -> None:
     cfg = parse_config(Config)
-    accelerator = make_accelerator()
+    out = Path(cfg.output_dir)
+    accelerator = make_accelerator(log_with=cfg.trackers or None, project_dir=str(out))
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         save_config(cfg, out)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    start_trackers(accelerator, cfg, "train_voyager", out)
 
     rows = [r for r in read_jsonl(cfg.labels) if len(r["losses"]) >= 2]
     if not rows:
@@ -208,6 +212,8 @@ def main() -> None:
         row = {"epoch": epoch, "train_loss": train_loss, **summarize(dict(zip(sums, totals.tolist(), strict=True)))}
         if accelerator.is_main_process:
             append_jsonl(out / "metrics.jsonl", [row])
+            if cfg.trackers:
+                accelerator.log(tracker_scalars(row), step=epoch)
         return row
 
     bar = tqdm(total=total_steps, desc="train voyager", unit="step", disable=not show)

@@ -4,10 +4,12 @@ and the scalars handed to experiment trackers."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import itertools
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -202,3 +204,30 @@ def tracker_scalars(metrics: dict) -> dict[str, float]:
     None values, stay in metrics.jsonl), and no `step`, which trackers get as the x axis."""
     return {k: float(v) for k, v in metrics.items()
             if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def tracker_config(cfg) -> dict[str, bool | int | float | str]:
+    """A config dataclass as flat dotted keys with plain values: tensorboard's hparams take nothing else."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v if isinstance(v, bool | int | float | str) else str(v)
+        return out
+
+    return flat(dataclasses.asdict(cfg))
+
+
+def start_trackers(accelerator, cfg, run_name: str, out: Path) -> None:
+    """Start the config's trackers (main process): tensorboard event files under out/<run_name>/, and
+    wandb offline unless WANDB_MODE says otherwise (nothing leaves the machine; `wandb sync` uploads)."""
+    if not cfg.trackers or not accelerator.is_main_process:
+        return
+    kwargs = {"wandb": {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": str(out)}} if "wandb" in cfg.trackers \
+        else {}
+    accelerator.init_trackers(run_name, config=tracker_config(cfg), init_kwargs=kwargs)
