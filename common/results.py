@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from pathlib import Path
+
+import numpy as np
 
 from common.jsonl import read_jsonl, write_json
 
@@ -180,42 +183,136 @@ def collect(out: Path) -> dict:
     return results
 
 
+RL_RUN = re.compile(r"^(?P<run>grpo|ktr(?:_[a-z]+)?)(?:_seed\d+)?$")  # OUT/<run>[_seed<k>]: the pipeline's RL runs
+SIGNAL_COLORS = {"visual": "tab:blue", "temporal": "tab:orange", "entropy": "tab:green", "union": "black"}
+
+
+def smoothed(values: np.ndarray, window: int) -> np.ndarray:
+    """Moving average of each row (seeds x steps), NaN-aware so that a missing value only thins the window."""
+    kernel = np.ones(window)
+    finite = np.isfinite(values)
+    sums = np.array([np.convolve(np.where(f, v, 0.0), kernel, mode="valid") for v, f in zip(values, finite,
+                                                                                            strict=True)])
+    counts = np.array([np.convolve(f.astype(float), kernel, mode="valid") for f in finite])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
+
+
+def draw(ax, steps: list[int], values: np.ndarray, color: str, label: str, raw: bool = True, band: bool = True,
+         **style) -> None:
+    """Seeds' smoothed mean (a tenth of the run per window), the seeds' range as a band and the raw mean faint."""
+    window = max(1, len(steps) // 10)
+    smooth = smoothed(values, window)
+    x = steps[window - 1:]
+    if raw:
+        ax.plot(steps, np.nanmean(values, 0), color=color, alpha=0.2, linewidth=0.8)
+    ax.plot(x, np.nanmean(smooth, 0), color=color, label=label, **style)
+    if band and len(values) > 1:
+        ax.fill_between(x, np.nanmin(smooth, 0), np.nanmax(smooth, 0), color=color, alpha=0.15, linewidth=0)
+
+
+def family_accuracy(rows: list[dict], n_bins: int = 10) -> tuple[list[float], dict[str, list[float]]]:
+    """Sampled training accuracy by question family over steps, in n_bins bins of steps (a step holds
+    only a few prompts per family: one step alone is mostly noise)."""
+    if not rows:
+        return [], {}
+    last = max(r["step"] for r in rows)
+    width = max(1, math.ceil(last / n_bins))
+    sums: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        b = (r["step"] - 1) // width
+        s = sums.setdefault(str(r.get("question_family")), {}).setdefault(b, [0.0, 0])
+        s[0] += r["reward"].get("accuracy", 0.0)
+        s[1] += 1
+    bins = range(math.ceil(last / width))
+    centers = [b * width + (width + 1) / 2 for b in bins]
+    return centers, {f: [v[b][0] / v[b][1] if b in v else math.nan for b in bins] for f, v in sorted(sums.items())}
+
+
 def plots(out: Path) -> list[str]:
-    """reward / KL curves of GRPO vs KTR, and evidence recall per frame strategy (PNG)."""
+    """Training curves of every RL run (reward, accuracy, KL, completion length, tokens selected, per-family
+    accuracy; smoothed, seeds' spread as a band) and evidence recall per frame strategy (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     made = []
-    # every seed of GRPO and KTR: OUT/grpo, OUT/grpo_seed1, ...
-    runs = {name: [read_jsonl(p / "metrics.jsonl") for p in sorted(out.glob(f"{name}*"))
-                   if re.fullmatch(rf"{name}(_seed\d+)?", p.name) and (p / "metrics.jsonl").exists()]
-            for name in ("grpo", "ktr")}
-    if any(runs.values()):
-        fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
-        for (name, seeds), color in zip(runs.items(), ("tab:blue", "tab:orange"), strict=True):
-            if not seeds:
-                continue
-            for ax, key in zip(axes, ("reward", "accuracy", "kl"), strict=True):
-                n = min(len(rows) for rows in seeds)
-                values = np.array([[r[key] for r in rows[:n]] for rows in seeds])
-                steps = [r["step"] for r in seeds[0][:n]]
-                window = max(1, n // 10)  # moving average over a tenth of the run
-                smooth = np.array([np.convolve(v, np.ones(window) / window, mode="valid") for v in values])
-                x = steps[window - 1:]
-                ax.plot(steps, values.mean(0), color=color, alpha=0.2, linewidth=0.8)
-                ax.plot(x, smooth.mean(0), color=color, label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
-                if len(seeds) > 1:
-                    ax.fill_between(x, smooth.min(0), smooth.max(0), color=color, alpha=0.15)
-        titles = ("training reward (smoothed; band = seeds' range)", "training accuracy (sampled)", "KL to reference")
-        for ax, title in zip(axes, titles, strict=True):
+    # every seed of every RL run: OUT/grpo, OUT/grpo_seed1, OUT/ktr_visual, ...
+    runs: dict[str, list[Path]] = {}
+    for p in sorted(out.iterdir()) if out.is_dir() else []:
+        if (m := RL_RUN.match(p.name)) and (p / "metrics.jsonl").exists():
+            runs.setdefault(m["run"], []).append(p)
+    order = list(ABLATION_NAMES)
+    runs = dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    if runs:
+        colors = {"grpo": "tab:blue", "ktr": "tab:red", "ktr_visual": "tab:cyan", "ktr_temporal": "tab:orange",
+                  "ktr_entropy": "tab:green"}
+        metrics = {name: [read_jsonl(p / "metrics.jsonl") for p in dirs] for name, dirs in runs.items()}
+        panels = [("reward", "training reward"), ("accuracy", "training accuracy (sampled)"),
+                  ("kl", "KL to the reference"), ("completion_length", "completion length (tokens)"),
+                  ("selected/union", "tokens with gradient (union of signals)"),
+                  ("zero_advantage", "groups with zero advantage (all right / all wrong)")]
+        tokens = {name: [read_jsonl(p / "tokens.jsonl") for p in runs[name]] for name in ("grpo", "ktr")
+                  if name in runs}
+        families = sorted({f for seeds in tokens.values() for rows in seeds for f in family_accuracy(rows)[1]})
+        fig, axes = plt.subplots(3, 4, figsize=(18, 11))
+        for name, seeds in metrics.items():
+            n = min(len(rows) for rows in seeds)
+            steps = [r["step"] for r in seeds[0][:n]]
+            main = name in ("grpo", "ktr")  # the ablations thinner: GRPO vs KTR reads at a glance
+            style = {"linewidth": 2.0 if main else 1.2, "alpha": 1.0 if main else 0.8}
+            label = f"{ABLATION_NAMES.get(name, name)} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
+            for ax, (key, _) in zip(axes.flat, panels, strict=False):
+                if key == "zero_advantage":
+                    values = np.array([[r.get("all_correct_groups", math.nan) + r.get("all_wrong_groups", math.nan)
+                                        for r in rows[:n]] for rows in seeds])
+                else:
+                    values = np.array([[r.get(key, math.nan) for r in rows[:n]] for rows in seeds], dtype=float)
+                if np.isfinite(values).any():
+                    draw(ax, steps, values, colors.get(name, "gray"), label, raw=main, band=main, **style)
+            if name == "ktr":  # each signal's share next to their union
+                ax = axes.flat[len(panels)]
+                for signal, color in SIGNAL_COLORS.items():
+                    values = np.array([[r.get(f"selected/{signal}", math.nan) for r in rows[:n]] for rows in seeds],
+                                      dtype=float)  # a missing value (None) becomes NaN
+                    if np.isfinite(values).any():
+                        draw(ax, steps, values, color, signal, raw=False)
+        for ax, (_, title) in zip(axes.flat, [*panels, (None, "KTR: tokens selected per signal")], strict=False):
             ax.set_title(title, fontsize=10)
-            ax.set_xlabel("step")
-            ax.legend()
+        axes.flat[len(panels) + 1].axis("off")  # the run legend goes here
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        axes.flat[len(panels) + 1].legend(handles, labels, loc="center", fontsize=10,
+                                          title="smoothed over a tenth of the run;\n"
+                                                "faint: raw; band: seeds' range\n(both for GRPO and KTR only)")
+        if axes.flat[len(panels)].lines:
+            axes.flat[len(panels)].legend(fontsize=8)
+        for i, ax in enumerate(axes.flat[8:]):
+            if i >= len(families):
+                ax.axis("off")
+                continue
+            family = families[i]
+            for name, seeds in tokens.items():
+                per_seed = [family_accuracy(rows) for rows in seeds if rows]
+                if not per_seed:
+                    continue
+                width = min(len(c) for c, _ in per_seed)
+                values = np.array([f.get(family, [math.nan] * width)[:width] for _, f in per_seed], dtype=float)
+                x = per_seed[0][0][:width]
+                ax.plot(x, np.nanmean(values, 0), marker="o", markersize=3, color=colors[name],
+                        label=ABLATION_NAMES.get(name, name))
+                if len(values) > 1:
+                    ax.fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), color=colors[name], alpha=0.15,
+                                    linewidth=0)
+            ax.set_title(f"training accuracy: {family} (tenths of the run)", fontsize=10)
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(fontsize=8)
+        for ax in axes.flat:
+            if ax.axison:
+                ax.set_xlabel("step", fontsize=9)
+                ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "training_curves.png", dpi=100)
+        fig.savefig(out / "training_curves.png", dpi=90)
         plt.close(fig)
         made.append("training_curves.png")
     frame = collect(out)["frame_selection"]

@@ -71,3 +71,25 @@ def test_seed_table_means_spread_and_paired_interval_to_grpo(tmp_path):
     assert seeds["paired"]["ktr_visual - grpo"]["n"] == 1 and seeds["paired"]["ktr_visual - grpo"]["ci95"] is None
     page = markdown(collect(tmp_path), [])
     assert "| all three (KTR) | 3 | 0.450 ± 0.020 |" in page and "| 53.4 |" in page and "ktr - grpo" in page
+
+
+def test_family_accuracy_bins_steps_and_training_curves_are_drawn(tmp_path):
+    """Per-family sampled accuracy in tenths of the run, and the curves of GRPO / KTR over two seeds."""
+    from common.jsonl import append_jsonl
+    from common.results import family_accuracy, plots
+
+    rows = [{"step": s, "question_family": f, "reward": {"accuracy": float(s > 10 and f == "count")},
+             "tokens": ["<answer>", "A"], "selected": {"visual": "01"}}
+            for s in range(1, 21) for f in ("count", "order")]
+    centers, by_family = family_accuracy(rows)
+    assert centers == [1.5 + 2 * b for b in range(10)]  # 20 steps: bins of 2 steps
+    assert by_family["count"] == [0.0] * 5 + [1.0] * 5 and by_family["order"] == [0.0] * 10
+    for run in ("grpo", "grpo_seed1", "ktr", "ktr_seed1", "ktr_visual"):
+        (tmp_path / run).mkdir()
+        append_jsonl(tmp_path / run / "metrics.jsonl", [
+            {"step": s, "reward": 1 + s / 20, "accuracy": s / 20, "kl": 0.01 * s, "completion_length": 30 + s,
+             "all_correct_groups": 0.1, "all_wrong_groups": 0.2, "selected/union": 0.4, "selected/visual": 0.2,
+             "selected/temporal": None if s == 3 else 0.2} for s in range(1, 21)])
+        append_jsonl(tmp_path / run / "tokens.jsonl", rows)
+    assert plots(tmp_path) == ["training_curves.png"]
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
