@@ -1,11 +1,8 @@
 """trackers: [tensorboard] in the three training scripts, read back with tensorboard's own reader;
-wandb in offline mode when it is installed (it is not in requirements.txt: see the README)."""
+wandb in offline mode."""
 
-import importlib.util
 import subprocess
 import sys
-
-import pytest
 
 from common.launch import cpu_launch_env
 from tests.conftest import ROOT
@@ -54,7 +51,6 @@ def test_tensorboard_event_files_of_sft_ktr_and_voyager(tiny_model_dir, answerin
     assert [s for s, _ in voyager["pair_accuracy"]] == [0, 1, 2] and [s for s, _ in voyager["train_loss"]] == [1, 2]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is optional (not in requirements.txt)")
 def test_wandb_offline_run_is_written_locally(tiny_model_dir, tiny_world_dir, tmp_path):
     run("train_sft.py", [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}",
                          f"output_dir={tmp_path}", "frames.num=4", "batch_size=2", "max_steps=2", "log_every=1",
