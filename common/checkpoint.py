@@ -39,6 +39,9 @@ def save_checkpoint(accelerator, model, processor, path: Path, progress: dict | 
                              state_dict=state)
     if progress is not None:
         accelerator.save_state(str(tmp / "training_state"))
+    # Every process is done with path.tmp before the main one moves it (save_pretrained lists the
+    # folder on every process: a rename under its feet failed a 2-rank ZeRO-3 run once).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         processor.save_pretrained(tmp)
         if progress is not None:
