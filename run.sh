@@ -44,15 +44,18 @@ case $MODE in
     ;;
   tiny|ablation)  # synthetic world -> tiny model -> SFT -> labels -> Voyager -> GRPO / KTR -> evaluations
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
-    OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-2000}
-    N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-60}
+    # The paper's data shape: SFT with reasoning on the first N_SFT training videos, RL with answers only on
+    # the rest (README, "Why RL lowers accuracy on the tiny default").
+    OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-750}
+    N_SFT=${N_SFT:-$((N_TRAIN / 4))} N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-150}
     [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
     DATA=$OUT/data SFT=$OUT/sft/final
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
     stage model   $OUT/model/config.json      python -m common.models build-tiny --out $OUT/model --max-pixels 3136 --seed 0
+    stage split   $DATA/rl.json               python -m common.data split $DATA/train.json $N_SFT $DATA/sft.json $DATA/rl.json
     stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
-      model=$OUT/model data=$DATA/train.json output_dir=$OUT/sft max_steps=$SFT_STEPS
+      model=$OUT/model data=$DATA/sft.json output_dir=$OUT/sft max_steps=$SFT_STEPS
     if [ "$MODE" != ablation ]; then
       stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
         model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
@@ -65,7 +68,7 @@ case $MODE in
       [ $run = grpo ] && config=grpo
       local name=$run$([ $seed = 0 ] || echo _seed$seed)  # seed 0 is the default pipeline's run
       stage $name $OUT/$name/final/config.json python train_ktr.py --config configs/tiny/$config.yaml \
-        model=$SFT data=$DATA/train.json output_dir=$OUT/$name max_steps=$RL_STEPS seed=$seed "$@"
+        model=$SFT data=$DATA/rl.json output_dir=$OUT/$name max_steps=$RL_STEPS seed=$seed "$@"
       stage eval_$name $OUT/eval/${name}_uniform/summary.json $EVAL model=$OUT/$name/final \
         output_dir=$OUT/eval/${name}_uniform
     }

@@ -171,3 +171,24 @@ def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epo
     per_step = batch_size * world
     return [order[s + rank * batch_size: s + (rank + 1) * batch_size].tolist()
             for s in range(0, n - per_step + 1, per_step)]
+
+
+def split_records(path: str | Path, n_first: int, first: str | Path, rest: str | Path) -> tuple[int, int]:
+    """Write the first `n_first` records of a Video-R1 JSON list to `first` and the others to `rest`.
+    Both should sit next to `path`, so that relative media paths still resolve. The tiny default
+    uses it for the paper's data shape: SFT with reasoning on a part, RL with answers on the rest."""
+    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not 0 < n_first < len(records):
+        raise ValueError(f"{path}: cannot split {len(records)} records after the first {n_first}")
+    for out, part in ((first, records[:n_first]), (rest, records[n_first:])):
+        Path(out).write_text(json.dumps(part, indent=1) + "\n", encoding="utf-8")
+    return n_first, len(records) - n_first
+
+
+if __name__ == "__main__":  # python -m common.data split IN N FIRST REST
+    import sys
+
+    if len(sys.argv) != 6 or sys.argv[1] != "split":
+        sys.exit("usage: python -m common.data split IN N FIRST REST")
+    a, b = split_records(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    print(f"{sys.argv[2]}: {a} records -> {sys.argv[4]}, {b} -> {sys.argv[5]}")
