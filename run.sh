@@ -47,7 +47,7 @@ case $MODE in
     # The paper's data shape: SFT with reasoning on the first N_SFT training videos, RL with answers only on
     # the rest (README, "Why RL lowers accuracy on the tiny default").
     OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-750}
-    N_SFT=${N_SFT:-$((N_TRAIN / 4))} N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-150}
+    N_SFT=${N_SFT:-$((N_TRAIN / 4))} N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-150} RL_BATCH=${RL_BATCH:-16}
     [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
     DATA=$OUT/data SFT=$OUT/sft/final
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
@@ -68,7 +68,8 @@ case $MODE in
       [ $run = grpo ] && config=grpo
       local name=$run$([ $seed = 0 ] || echo _seed$seed)  # seed 0 is the default pipeline's run
       stage $name $OUT/$name/final/config.json python train_ktr.py --config configs/tiny/$config.yaml \
-        model=$SFT data=$DATA/rl.json output_dir=$OUT/$name max_steps=$RL_STEPS seed=$seed "$@"
+        model=$SFT data=$DATA/rl.json output_dir=$OUT/$name max_steps=$RL_STEPS \
+        batch_size=$RL_BATCH seed=$seed "$@"
       stage eval_$name $OUT/eval/${name}_uniform/summary.json $EVAL model=$OUT/$name/final \
         output_dir=$OUT/eval/${name}_uniform
     }

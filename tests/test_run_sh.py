@@ -11,7 +11,8 @@ import time
 from common.tinyworld import generate
 from tests.conftest import ROOT
 
-SMALL = {"N_TRAIN": "16", "N_TEST": "8", "SFT_STEPS": "4", "N_LABEL": "8", "RL_STEPS": "2", "OMP_NUM_THREADS": "1"}
+SMALL = {"N_TRAIN": "16", "N_TEST": "8", "SFT_STEPS": "4", "N_LABEL": "8", "RL_STEPS": "2", "RL_BATCH": "4",
+         "OMP_NUM_THREADS": "1"}
 
 
 def start(out):
