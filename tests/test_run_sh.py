@@ -11,8 +11,9 @@ import time
 from common.tinyworld import generate
 from tests.conftest import ROOT
 
-SMALL = {"N_TRAIN": "16", "N_TEST": "8", "SFT_STEPS": "4", "N_LABEL": "8", "RL_STEPS": "2", "RL_BATCH": "4",
-         "OMP_NUM_THREADS": "1"}
+# 16 SFT videos (one SFT batch) and 8 RL videos (two RL batches of 4)
+SMALL = {"N_TRAIN": "24", "N_SFT": "16", "N_TEST": "8", "SFT_STEPS": "4", "N_LABEL": "8", "RL_STEPS": "2",
+         "RL_BATCH": "4", "OMP_NUM_THREADS": "1"}
 
 
 def start(out):
@@ -55,7 +56,7 @@ def comparable(out) -> dict:
 
 
 def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp_path):
-    generate(tmp_path / "a" / "data", 16, 8, seed=0, progress=False)  # what run.sh's data stage writes
+    generate(tmp_path / "a" / "data", 24, 8, seed=0, progress=False)  # what run.sh's data stage writes
     break_videos(tmp_path / "a" / "data")
     assert "== data: done already" in run_to_end(tmp_path / "a")
     kill_when(tmp_path / "b", "== model:")  # the data stage has finished by then
