@@ -2,7 +2,8 @@
 
 One small interface for every strategy: `make_selector(cfg)` returns a function
 `select(sample) -> Clip`. The simple strategies only compute indices; learned ones (Frame-Voyager)
-and retrieval read candidate frames, score them against the question, and keep the best.
+and retrieval read candidate frames, score them against the question, and keep the best; the
+training-free AKS (relevance + coverage) and DPP (relevance + diversity) choose from the same scores.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from common.config import require
 from common.data import Sample
 from common.video import Clip, VideoError, read_frames
 
-Strategy = Literal["uniform", "fps", "all", "voyager", "retrieval"]
+Strategy = Literal["uniform", "fps", "all", "voyager", "retrieval", "aks", "dpp"]
+CANDIDATE_STRATEGIES = ("voyager", "retrieval", "aks", "dpp")  # choose T of M uniform candidates
 
 
 @dataclass
 class FramesConfig:
     strategy: Strategy = "uniform"
-    num: int = 8  # frames given to the model (uniform; top-T for voyager / retrieval)
+    num: int = 8  # frames given to the model (uniform; the T chosen by voyager / retrieval / aks / dpp)
     fps: float = 1.0  # sampling rate for strategy=fps
     max_frames: int = 64  # cap for strategy=fps and strategy=all
     # strategy=fps: with min_frames > 0 the count follows qwen-vl-utils (Video-R1): duration * fps clamped to
@@ -32,9 +34,9 @@ class FramesConfig:
     min_frames: int = 0
     max_pixels: int = 0  # pixel budget per video frame (processor size["longest_edge"]); 0 = processor default
     image_max_pixels: int = 0  # pixel budget per image; 0 = processor default
-    candidates: int = 16  # M candidate frames scored by voyager / retrieval
+    candidates: int = 16  # M candidate frames scored by voyager / retrieval / aks / dpp
     voyager: str = ""  # directory of a trained Frame-Voyager (voyager.json + voyager.safetensors)
-    retrieval_model: str = ""  # CLIP/SigLIP path for retrieval; empty = the answering model's embeddings
+    retrieval_model: str = ""  # CLIP/SigLIP path for retrieval / aks / dpp; empty = the answering model's embeddings
 
     def validate(self, prefix: str = "frames") -> None:
         require(self.num > 0, f"{prefix}.num", f"must be > 0, got {self.num}")
@@ -48,7 +50,7 @@ class FramesConfig:
                     f"must be >= 2 with {prefix}.min_frames (counts are even), got {self.max_frames}")
         for key in ("max_pixels", "image_max_pixels"):
             require_pixel_budget(getattr(self, key), f"{prefix}.{key}")
-        if self.strategy in ("voyager", "retrieval"):
+        if self.strategy in CANDIDATE_STRATEGIES:
             require(self.num <= self.candidates, f"{prefix}.num",
                     f"T={self.num} must be <= {prefix}.candidates M={self.candidates}")
         if self.strategy == "voyager":
@@ -66,7 +68,7 @@ Selector = Callable[[Sample], Clip]
 def make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
     """The frame selector for `cfg.strategy`; frames come back in temporal order.
 
-    `model` / `processor` are the answering Video-LLM, which retrieval may use for its embeddings
+    `model` / `processor` are the answering Video-LLM, which retrieval / aks / dpp may use for its embeddings
     when no CLIP/SigLIP model is configured; the simple strategies ignore them.
     """
     if cfg.strategy == "uniform":
@@ -85,6 +87,11 @@ def make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
 
         return RetrievalSelector(cfg.candidates, cfg.num, model=model, processor=processor,
                                  retrieval_model=cfg.retrieval_model)
+    if cfg.strategy in ("aks", "dpp"):  # training-free, on retrieval's embeddings
+        from common.selectors import AKSSelector, DPPSelector
+
+        cls = AKSSelector if cfg.strategy == "aks" else DPPSelector
+        return cls(cfg.candidates, cfg.num, model=model, processor=processor, retrieval_model=cfg.retrieval_model)
     raise ValueError(f"unknown frames.strategy={cfg.strategy!r}")
 
 

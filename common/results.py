@@ -30,7 +30,8 @@ ABLATION_NAMES = {"grpo": "GRPO (no signal)", "ktr_visual": "visual only", "ktr_
 # Two-sided 95 % Student t quantiles by degrees of freedom, for intervals over a few seeds.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 FRAME_RUNS = {"uniform": "sft_uniform", "retrieval": "sft_retrieval_m16", "voyager": "sft_voyager_m16",
-              "retrieval_m32": "sft_retrieval_m32", "voyager_m32": "sft_voyager_m32"}
+              "aks": "sft_aks_m16", "dpp": "sft_dpp_m16", "retrieval_m32": "sft_retrieval_m32",
+              "voyager_m32": "sft_voyager_m32", "aks_m32": "sft_aks_m32", "dpp_m32": "sft_dpp_m32"}
 
 
 def informative_spans(text: str, words: list[str]) -> list[tuple[int, int]]:

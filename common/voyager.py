@@ -14,7 +14,8 @@ The scorer's own [f, f] layout only concerns the scorer; the chosen frames are h
 answering model as a normal clip.
 
 Also here: `select_top`, and the retrieval baseline (`frames.strategy=retrieval`: text-frame cosine
-similarity with a CLIP/SigLIP model, or with the answering model's own embeddings).
+similarity with a CLIP/SigLIP model, or with the answering model's own embeddings), whose embeddings the
+training-free AKS and DPP selectors in common/selectors.py reuse.
 """
 
 from __future__ import annotations
@@ -73,13 +74,18 @@ def voyager_query(problem: str, options: Sequence[str] = ()) -> str:
     return "\n".join([problem.strip(), *(o.strip() for o in options)])
 
 
-def pick_top_frames(sample, candidates: int, num: int, score: Callable[[Clip, str], torch.Tensor]) -> Clip:
-    """The `num` best of `candidates` uniform frames by `score(clip, query)`, in temporal order
-    (the frame selectors' shared step; a video with no more than `num` frames is returned whole)."""
+def pick_frames(sample, candidates: int, num: int, choose: Callable[[Clip, str], Sequence[int]]) -> Clip:
+    """The frames at `choose(clip, query)`'s positions among `candidates` uniform frames (the frame selectors'
+    shared step; a video with no more than `num` frames is returned whole)."""
     clip = read_candidates(sample.path, candidates, num)
     if len(clip.indices) == num:
         return clip
-    return subclip(clip, select_top(score(clip, voyager_query(sample.problem, sample.options)).cpu(), num))
+    return subclip(clip, choose(clip, voyager_query(sample.problem, sample.options)))
+
+
+def pick_top_frames(sample, candidates: int, num: int, score: Callable[[Clip, str], torch.Tensor]) -> Clip:
+    """The `num` best of `candidates` uniform frames by `score(clip, query)`, in temporal order."""
+    return pick_frames(sample, candidates, num, lambda clip, query: select_top(score(clip, query).cpu(), num))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +307,8 @@ class RetrievalSelector:
             self.model, self.processor, self.own = model, processor, True
 
     @torch.no_grad()
-    def frame_scores(self, clip: Clip, query: str) -> torch.Tensor:
+    def embeddings(self, clip: Clip, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frame embeddings M x D, query embedding 1 x D)."""
         device = self.model.device
         if self.own:
             tp = self.processor.video_processor.temporal_patch_size
@@ -319,6 +326,11 @@ class RetrievalSelector:
             text_inputs = self.processor(text=[query], return_tensors="pt", padding=True, truncation=True,
                                          max_length=max_length).to(device)
             text = _features(self.model.get_text_features(**text_inputs))
+        return image, text
+
+    def frame_scores(self, clip: Clip, query: str) -> torch.Tensor:
+        """Cosine similarity of each candidate frame with the query (M,)."""
+        image, text = self.embeddings(clip, query)
         return F.cosine_similarity(image.float(), text.float(), dim=-1)
 
     def __call__(self, sample) -> Clip:
