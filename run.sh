@@ -88,12 +88,10 @@ case $MODE in
     fi
     stage eval_sft_all $OUT/eval/sft_all/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_all frames.strategy=all
     # frame selection: the SFT model's 8 frames picked from M = 16 (or 32) uniform candidates; uniform = eval_sft
-    for m in 16 32; do
-      stage eval_retrieval_m$m $OUT/eval/sft_retrieval_m$m/summary.json $EVAL model=$SFT \
-        output_dir=$OUT/eval/sft_retrieval_m$m frames.strategy=retrieval frames.candidates=$m
-      stage eval_voyager_m$m $OUT/eval/sft_voyager_m$m/summary.json $EVAL model=$SFT \
-        output_dir=$OUT/eval/sft_voyager_m$m frames.strategy=voyager frames.voyager=$OUT/voyager frames.candidates=$m
-    done
+    for m in 16 32; do for s in retrieval aks dpp voyager; do
+      stage eval_${s}_m$m $OUT/eval/sft_${s}_m$m/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_${s}_m$m \
+        frames.strategy=$s frames.candidates=$m frames.voyager=$OUT/voyager
+    done; done
     python -m common.results --out $OUT
     ;;
   paper)  # Qwen2.5-VL-7B: CoT SFT -> GRPO / KTR (ZeRO-3, 8 GPUs) -> label -> Voyager -> benchmarks
@@ -102,7 +100,7 @@ case $MODE in
     for var in BASE_MODEL SFT_DATA RL_DATA LABEL_DATA BENCH_DIR; do
       [ -e "${!var}" ] || { echo "missing: $var=${!var} (set it in the environment or configs/paper/paths.env)" >&2; missing=1; }
     done
-    for b in $BENCHMARKS; do
+    for b in $(echo $BENCHMARKS $VOYAGER_BENCHMARKS | tr " " "\n" | sort -u); do
       [ -e "$BENCH_DIR/$b.json" ] || { echo "missing: benchmark file $BENCH_DIR/$b.json" >&2; missing=1; }
     done
     [ "${2:-}" = "--dry-run" ] && RUN=echo || RUN=
@@ -110,15 +108,28 @@ case $MODE in
     [ -n "$RUN" ] && python -m common.models plan-7b --gpus 8  # sizes and memory per GPU, no weights needed
     OUT=outputs/paper
     LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
-    $RUN stage sft   $OUT/sft/final/config.json  $LAUNCH train_sft.py --config configs/sft.yaml model=$BASE_MODEL data=$SFT_DATA
-    $RUN stage grpo  $OUT/grpo/final/config.json $LAUNCH train_ktr.py --config configs/grpo.yaml data=$RL_DATA
-    $RUN stage ktr   $OUT/ktr/final/config.json  $LAUNCH train_ktr.py --config configs/ktr.yaml data=$RL_DATA
-    $RUN stage label $OUT/label/summary.json     $LAUNCH label_frames.py --config configs/label.yaml model=$OUT/sft/final data=$LABEL_DATA
-    $RUN stage voyager $OUT/voyager/voyager.json python train_voyager.py --config configs/voyager.yaml model=$OUT/sft/final
+    # Every stage names its inputs and output_dir here, so a done-marker is always where the stage writes.
+    SFT=$OUT/sft/final
+    $RUN stage sft   $SFT/config.json            $LAUNCH train_sft.py --config configs/sft.yaml \
+      model=$BASE_MODEL data=$SFT_DATA output_dir=$OUT/sft
+    for run in grpo ktr; do
+      $RUN stage $run $OUT/$run/final/config.json $LAUNCH train_ktr.py --config configs/$run.yaml \
+        model=$SFT data=$RL_DATA output_dir=$OUT/$run
+    done
+    $RUN stage label $OUT/label/summary.json     $LAUNCH label_frames.py --config configs/label.yaml \
+      model=$SFT data=$LABEL_DATA output_dir=$OUT/label
+    $RUN stage voyager $OUT/voyager/voyager.json python train_voyager.py --config configs/voyager.yaml \
+      model=$SFT labels=$OUT/label/labels.jsonl output_dir=$OUT/voyager
     for run in sft grpo ktr; do for b in $BENCHMARKS; do for n in 16 32 64; do  # up to n frames at 2 fps
       $RUN stage eval_${run}_${b}_$n $OUT/eval/${run}_${b}_$n/summary.json $LAUNCH eval.py --config configs/eval.yaml \
         model=$OUT/$run/final data=$BENCH_DIR/$b.json output_dir=$OUT/eval/${run}_${b}_$n frames.max_frames=$n
     done; done; done
+    # Frame-Voyager's evaluation: the SFT model sees 8 frames chosen from M uniform candidates by each strategy
+    for b in $VOYAGER_BENCHMARKS; do for s in uniform retrieval aks dpp voyager; do
+      $RUN stage eval_sft_${b}_8_$s $OUT/eval/sft_${b}_8_$s/summary.json $LAUNCH eval.py --config configs/eval.yaml \
+        model=$SFT data=$BENCH_DIR/$b.json output_dir=$OUT/eval/sft_${b}_8_$s frames.strategy=$s frames.num=8 \
+        frames.candidates=$VOYAGER_CANDIDATES frames.voyager=$OUT/voyager
+    done; done
     ;;
   *)
     echo "usage: bash run.sh [tiny|ablation|test|paper [--dry-run]]" >&2; exit 2

@@ -29,9 +29,10 @@ ABLATION_NAMES = {"grpo": "GRPO (no signal)", "ktr_visual": "visual only", "ktr_
                   "ktr_entropy": "entropy only", "ktr": "all three (KTR)"}
 # Two-sided 95 % Student t quantiles by degrees of freedom, for intervals over a few seeds.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-FRAME_RUNS = {"uniform": "sft_uniform", "retrieval": "sft_retrieval_m16", "voyager": "sft_voyager_m16",
-              "aks": "sft_aks_m16", "dpp": "sft_dpp_m16", "retrieval_m32": "sft_retrieval_m32",
-              "voyager_m32": "sft_voyager_m32", "aks_m32": "sft_aks_m32", "dpp_m32": "sft_dpp_m32"}
+FRAME_RUNS = {"uniform": "sft_uniform",  # eval/<dir> of each frame strategy; M = 16 candidates, or 32
+              "retrieval": "sft_retrieval_m16", "aks": "sft_aks_m16", "dpp": "sft_dpp_m16",
+              "voyager": "sft_voyager_m16", "retrieval_m32": "sft_retrieval_m32", "aks_m32": "sft_aks_m32",
+              "dpp_m32": "sft_dpp_m32", "voyager_m32": "sft_voyager_m32"}
 
 
 def informative_spans(text: str, words: list[str]) -> list[tuple[int, int]]:
@@ -354,12 +355,19 @@ def markdown(results: dict, images: list[str]) -> str:
         lines += seeds_markdown(results["seeds"])
     if results["frame_selection"]:
         families = sorted({f for e in results["frame_selection"].values() for f in e["by_family"]})
+        recall_families = sorted({f for e in results["frame_selection"].values()
+                                  for f in e["evidence_recall_by_family"]})
         lines += ["## Frame selection (the SFT model sees 8 frames picked from M = 16 candidates, or 32)", "",
-                  "| strategy | accuracy | evidence recall | moment accuracy | moment evidence recall |",
-                  "|---|---|---|---|---|"]
+                  "Accuracy and evidence recall (the share of a question's evidence frames among those seen),",
+                  "overall and per family; the same answering model for every strategy.", "",
+                  "| strategy | accuracy | " + " | ".join(families) + " | evidence recall | "
+                  + " | ".join(f"recall {f}" for f in recall_families) + " |",
+                  "|---|---|" + "---|" * (len(families) + 1 + len(recall_families))]
         for name, e in results["frame_selection"].items():
-            lines.append(f"| {name} | {fmt(e['accuracy'])} | {fmt(e['evidence_recall'])} | "
-                         f"{fmt(e['by_family'].get('moment'))} | {fmt(e['evidence_recall_by_family'].get('moment'))} |")
+            lines.append(f"| {name} | {fmt(e['accuracy'])} | "
+                         + " | ".join(fmt(e["by_family"].get(f)) for f in families)
+                         + f" | {fmt(e['evidence_recall'])} | "
+                         + " | ".join(fmt(e["evidence_recall_by_family"].get(f)) for f in recall_families) + " |")
         lines.append("")
     if results["ktr_tokens"]:
         lines += ["## Which tokens KTR selected", "",

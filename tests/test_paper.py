@@ -72,6 +72,50 @@ def test_run_sh_paper_dry_run_names_missing_paths_and_plans(tmp_path):
     assert proc.returncode == 1 and "missing: RL_DATA=" in proc.stderr
 
 
+def dry_run_stages(tmp_path) -> list[tuple[str, Path, object]]:
+    """Each stage `run.sh paper --dry-run` would run: its name, done-marker and the stage's config as the script
+    would load it (config file + the command line's overrides)."""
+    import importlib
+
+    proc = subprocess.run(["bash", "run.sh", "paper", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stages = []
+    for line in proc.stdout.splitlines():
+        if not line.startswith("stage "):
+            continue
+        words = line.split()
+        script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        assert words[script + 1] == "--config", line
+        module = importlib.import_module(words[script].removesuffix(".py"))
+        cfg = load_config(module.Config, ROOT / words[script + 2], words[script + 3:], validate=False)
+        stages.append((words[1], Path(words[2]), cfg))
+    return stages
+
+
+def test_run_sh_paper_stages_write_where_their_done_markers_are_and_read_what_earlier_stages_wrote(tmp_path):
+    stages = dry_run_stages(tmp_path)
+    names = [name for name, _, _ in stages]
+    assert names[:5] == ["sft", "grpo", "ktr", "label", "voyager"], names
+    written: set[Path] = set()
+    for name, marker, cfg in stages:
+        out = Path(cfg.output_dir)
+        assert out.parts[:2] == ("outputs", "paper"), (name, out)
+        assert out in marker.parents, f"stage {name}: marker {marker} is not under its output_dir {out}"
+        if name != "sft":  # every later stage starts from a checkpoint an earlier stage wrote
+            assert Path(cfg.model).parent in written, (name, cfg.model)
+        if name == "voyager":
+            assert Path(cfg.labels).parent in written
+        if getattr(cfg, "frames", None) is not None and cfg.frames.strategy == "voyager":
+            assert Path(cfg.frames.voyager) in written
+        written.add(out)
+    for benchmark in ("videomme", "mlvu"):  # Frame-Voyager's table: every strategy, 8 frames, the SFT model
+        for strategy in ("uniform", "retrieval", "aks", "dpp", "voyager"):
+            (cfg,) = [c for n, _, c in stages if n == f"eval_sft_{benchmark}_8_{strategy}"]
+            assert (cfg.frames.strategy, cfg.frames.num, cfg.model) == (strategy, 8, "outputs/paper/sft/final")
+            cfg.frames.validate()
+
+
 PICKED = (1, 14, 21, 12, 25, 34, 36, 45)  # videos and images of every problem type; 25 is the truncated video
 
 
