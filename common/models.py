@@ -15,7 +15,9 @@ never hard-coded.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,61 @@ def visual_tokens(config) -> VisualTokens:
                         vision_end=first("vision_end_token_id"))
 
 
+@dataclass(frozen=True)
+class VideoFormat:
+    """How a processor writes a video into the prompt and sizes its frames, read from the processor.
+
+    Qwen2-VL / Qwen2.5-VL expand the chat template's `<|video_pad|>` into one run of video tokens and
+    place time through RoPE alone. Qwen3-VL expands it into one `<t seconds><|vision_start|>pads<|vision_end|>`
+    block per temporal patch (t from the video metadata): the template's own wrapper around the pad must
+    then go, or the text comes out nested as `<|vision_start|><t seconds><|vision_start|>...` (transformers
+    5.24), which is not the layout those checkpoints were trained on.
+    """
+
+    timestamps_as_text: bool  # the processor writes its own timestamps and per-frame wrappers
+    template_wrapper: str  # what the template puts around the video placeholder ('' = nothing to strip)
+    video_token: str
+    size_per_video: bool  # size["longest_edge"] caps t * h * w (Qwen3-VL), not h * w (Qwen2-VL)
+
+
+def _frame_factor(video_processor) -> int:
+    """Side of one merged visual token in pixels (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
+    return video_processor.patch_size * video_processor.merge_size
+
+
+_VIDEO_FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def video_format(processor) -> VideoFormat:
+    """The processor's VideoFormat, measured once per processor object on tiny blank videos (both families
+    name their settings alike, e.g. `max_video_tokens`, with different meanings, so behaviour is what counts).
+
+    Timestamps as text: expanding one video placeholder of a one-patch video adds tokens of its own.
+    Per-video size: with a budget of 4 tokens per frame of one temporal patch, twice the frames come out
+    smaller only if the budget is for the whole video.
+    """
+    if processor in _VIDEO_FORMATS:
+        return _VIDEO_FORMATS[processor]
+    vp = processor.video_processor
+    f, tp = _frame_factor(vp), vp.temporal_patch_size
+    meta = {"fps": 1.0, "total_num_frames": tp, "frames_indices": list(range(tp))}
+    video_token = processor.video_token
+    ids = processor(text=[video_token], videos=[np.zeros((tp, f, f, 3), np.uint8)], video_metadata=[meta],
+                    do_sample_frames=False)["input_ids"][0]
+    as_text = any(int(i) != processor.tokenizer.convert_tokens_to_ids(video_token) for i in ids)
+    wrapper = processor.vision_start_token + video_token + processor.vision_end_token if as_text else ""
+
+    sized = copy.deepcopy(vp)
+    sized.size = type(vp.size)(shortest_edge=f * f, longest_edge=4 * f * f * tp)
+    grids = [sized(videos=[np.zeros((n, 2 * f, 2 * f, 3), np.uint8)], do_sample_frames=False,
+                   cap_pixels_per_frame=False, return_tensors="pt")["video_grid_thw"][0, 1:].tolist()
+             for n in (tp, 2 * tp)]
+    fmt = VideoFormat(timestamps_as_text=as_text, template_wrapper=wrapper, video_token=video_token,
+                      size_per_video=grids[0] != grids[1])
+    _VIDEO_FORMATS[processor] = fmt
+    return fmt
+
+
 def model_path_ok(path: str) -> bool:
     """A local checkpoint directory that exists, or something shaped like a hub id (`org/name`)
     whose first part is not a local directory (so a mistyped `outputs/...` path is caught)."""
@@ -104,6 +161,8 @@ def load_processor(path: str | Path, frames: FramesConfig | None = None):
 
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "left"
+    if video_format(processor).size_per_video and processor.video_processor.cap_pixels_per_frame is None:
+        processor.video_processor.cap_pixels_per_frame = True  # what qwen-vl-utils does (ENVIRONMENT.md)
     if frames is not None:
         apply_pixel_budget(processor, frames.max_pixels, frames.image_max_pixels)
     return processor
@@ -120,16 +179,34 @@ def _cap_size(sub_processor, max_pixels: int, name: str) -> None:
 
 
 def apply_pixel_budget(processor, max_pixels: int = 0, image_max_pixels: int = 0) -> None:
-    """Cap the pixels per video frame / per image of a Qwen2-VL-style processor in place (0 = leave as saved)."""
+    """Cap the pixels per video frame / per image of a Qwen-VL-style processor in place (0 = leave as saved).
+
+    Qwen3-VL's video processor reads size["longest_edge"] as a budget for the whole video (t * h * w); its
+    per-frame cap is `max_video_tokens` merged tokens (with cap_pixels_per_frame), so that is what a
+    per-frame budget sets there, keeping the budget's meaning the same for every family.
+    """
     if max_pixels:
-        _cap_size(processor.video_processor, max_pixels, "video processor")
+        vp = processor.video_processor
+        if video_format(processor).size_per_video:
+            tokens = max_pixels // _frame_factor(vp) ** 2
+            if tokens < 1:
+                raise ValueError(f"max_pixels {max_pixels} is below one {_frame_factor(vp)}-px token")
+            vp.max_video_tokens, vp.cap_pixels_per_frame = tokens, True
+            vp.size = type(vp.size)(shortest_edge=min(vp.size["shortest_edge"], max_pixels),
+                                    longest_edge=vp.size["longest_edge"])
+        else:
+            _cap_size(vp, max_pixels, "video processor")
     if image_max_pixels:
         _cap_size(processor.image_processor, image_max_pixels, "image processor")
 
 
 def video_max_pixels(processor) -> int:
-    """The per-frame pixel cap the processor applies now (its size["longest_edge"])."""
-    return int(processor.video_processor.size["longest_edge"])
+    """The per-frame pixel cap the processor applies now (size["longest_edge"], or for a per-video size the
+    max_video_tokens per frame)."""
+    vp = processor.video_processor
+    if video_format(processor).size_per_video and vp.cap_pixels_per_frame:
+        return int(vp.max_video_tokens * _frame_factor(vp) ** 2)
+    return int(vp.size["longest_edge"])
 
 
 def generate_exact(model, inputs: Mapping, *, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
@@ -176,9 +253,17 @@ def chat_messages(prompt: str, data_type: str = "video") -> list[dict]:
 
 
 def chat_text(processor, prompt: str, data_type: str = "video", target: str | None = None) -> str:
-    """The chat-formatted prompt; with `target`, the assistant turn is appended for teacher forcing."""
+    """The chat-formatted prompt; with `target`, the assistant turn is appended for teacher forcing.
+
+    For a processor that writes timestamps as text (VideoFormat), the template's wrapper around the video
+    placeholder is dropped, so the processor's `<t seconds><|vision_start|>pads<|vision_end|>` blocks
+    stand on their own, as in the reference Qwen3-VL processors.
+    """
     text = processor.apply_chat_template(chat_messages(prompt, data_type), tokenize=False,
                                          add_generation_prompt=True)
+    fmt = video_format(processor)
+    if data_type == "video" and fmt.template_wrapper:
+        text = text.replace(fmt.template_wrapper, fmt.video_token)
     if target is not None:
         eos = processor.tokenizer.eos_token or ""
         text = text + target + eos
@@ -245,6 +330,9 @@ CHAT_TEMPLATE = (
 )
 
 
+TINY_ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+
+
 @dataclass
 class TinySpec:
     """Sizes of the tiny model; defaults are small enough for CPU training in minutes."""
@@ -308,14 +396,12 @@ def build_tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
         Qwen2_5_VLProcessor,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
         Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
     )
 
     spec = spec or TinySpec()
-    if spec.arch not in ("qwen2_5_vl", "qwen2_vl"):
-        raise ValueError(f"--arch {spec.arch!r}: supported are qwen2_5_vl and qwen2_vl")
+    if spec.arch not in TINY_ARCHS:
+        raise ValueError(f"--arch {spec.arch!r}: supported are {', '.join(TINY_ARCHS)}")
     head_dim = spec.hidden // spec.heads
     if head_dim % 4 or spec.hidden % spec.heads:
         raise ValueError(f"hidden {spec.hidden} / heads {spec.heads} must give a head_dim divisible by 4")
@@ -346,31 +432,72 @@ def build_tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
                       patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
         model = Qwen2_5_VLForConditionalGeneration(config)
-        processor_cls = Qwen2_5_VLProcessor
-    else:
+        processor = _qwen2_vl_processor(Qwen2_5_VLProcessor, spec, tokenizer)
+    elif spec.arch == "qwen2_vl":
         vision = dict(depth=spec.vision_depth, embed_dim=spec.vision_hidden, num_heads=spec.vision_heads,
                       mlp_ratio=2, hidden_size=spec.hidden, patch_size=14, temporal_patch_size=2,
                       spatial_merge_size=2)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
         model = Qwen2VLForConditionalGeneration(config)
-        processor_cls = Qwen2VLProcessor
+        processor = _qwen2_vl_processor(Qwen2VLProcessor, spec, tokenizer)
+    else:
+        model, processor = _tiny_qwen3_vl(spec, text, token_ids, tokenizer)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = ids["<|endoftext|>"]
-
-    pixels = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=14,
-                  temporal_patch_size=2, merge_size=2)
-    processor = processor_cls(
-        image_processor=Qwen2VLImageProcessor(**pixels),
-        video_processor=Qwen2VLVideoProcessor(**pixels, cap_pixels_per_frame=False),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
     model.save_pretrained(out)
     processor.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     (out / "tiny_spec.json").write_text(json.dumps({**spec.__dict__, "parameters": n_params}, indent=2))
     return out
+
+
+def _qwen2_vl_processor(processor_cls, spec: TinySpec, tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixels = dict(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=14,
+                  temporal_patch_size=2, merge_size=2)
+    return processor_cls(image_processor=Qwen2VLImageProcessor(**pixels),
+                         video_processor=Qwen2VLVideoProcessor(**pixels, cap_pixels_per_frame=False),
+                         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def _tiny_qwen3_vl(spec: TinySpec, text: dict, token_ids: dict, tokenizer):
+    """Qwen3-VL's differences from the Qwen2.5-VL recipe: interleaved M-RoPE, 16-px patches with learned
+    position embeddings, DeepStack (the first vision block's features added into the first LLM layer), and
+    a video processor whose size budget is per video, so the per-frame cap is set as `max_video_tokens`."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    head_dim = spec.hidden // spec.heads
+    half = head_dim // 2
+    hw = half * 5 // 16  # Qwen3-VL's [24, 20, 20] of 64 frequencies, interleaved T, H, W
+    text = {k: v for k, v in text.items() if k not in ("bos_token_id", "eos_token_id", "tie_word_embeddings")}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * hw, hw, hw],
+            "mrope_interleaved": True}
+    text.update(head_dim=head_dim, rope_parameters=rope)
+    vision = dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden, num_heads=spec.vision_heads,
+                  intermediate_size=2 * spec.vision_hidden, out_hidden_size=spec.hidden, patch_size=16,
+                  temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision,
+                                                          tie_word_embeddings=False, **token_ids))
+    # spec.max_pixels per frame: max_video_tokens merged 32-px tokens; the whole-video size never binds
+    # below the processor's max_frames (768).
+    tokens_per_frame = max(1, spec.max_pixels // 32**2)
+    size = {"shortest_edge": spec.min_pixels, "longest_edge": tokens_per_frame * 32**2 * 768}
+    video = Qwen3VLVideoProcessor(size=size, patch_size=16, temporal_patch_size=2, merge_size=2,
+                                  cap_pixels_per_frame=True, max_video_tokens=tokens_per_frame)
+    image = Qwen2VLImageProcessor(min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=16,
+                                  temporal_patch_size=2, merge_size=2)
+    processor = Qwen3VLProcessor(image_processor=image, video_processor=video, tokenizer=tokenizer,
+                                 chat_template=CHAT_TEMPLATE)
+    return model, processor
 
 
 # Published architecture of Qwen2.5-VL-7B (its config.json), for planning runs without the weights.

@@ -48,3 +48,19 @@ def answering_model_dir(tiny_model_dir, tiny_world_dir, tmp_path_factory) -> Pat
                     f"output_dir={out}", "frames.num=4", "batch_size=8", "max_steps=30", "lr=3e-3",
                     "with_reasoning=false"], cwd=ROOT, check=True, capture_output=True)
     return out / "final"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory) -> Path:
+    from common.models import TinySpec, build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny_qwen3_vl"), TinySpec(arch="qwen3_vl"))
+
+
+TINY_ARCH_FIXTURES = {"qwen2_5_vl": "tiny_model_dir", "qwen3_vl": "tiny_qwen3_vl_dir"}
+
+
+@pytest.fixture(scope="session", params=list(TINY_ARCH_FIXTURES))
+def tiny_arch_dir(request) -> Path:
+    """The tiny model of every family the stages support: a test using it runs once per family."""
+    return request.getfixturevalue(TINY_ARCH_FIXTURES[request.param])

@@ -1,6 +1,7 @@
 """The tiny model round trip through the Auto classes, placeholder ids, and fps-aware inputs."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +17,7 @@ from common.models import (
     load_model,
     load_processor,
     model_inputs,
+    video_format,
     video_max_pixels,
     visual_tokens,
 )
@@ -26,9 +28,9 @@ def uniform_clip(path, n=8) -> Clip:
     return read_frames(path, num_frames=n)
 
 
-def test_placeholder_ids_come_from_config_and_match_tokenizer(tiny_model_dir):
-    model = load_model(tiny_model_dir)
-    processor = load_processor(tiny_model_dir)
+def test_placeholder_ids_come_from_config_and_match_tokenizer(tiny_arch_dir):
+    model = load_model(tiny_arch_dir)
+    processor = load_processor(tiny_arch_dir)
     ids = visual_tokens(model.config)
     tok = processor.tokenizer
     assert ids.video == tok.convert_tokens_to_ids("<|video_pad|>")
@@ -44,10 +46,13 @@ def test_visual_tokens_reads_llava_style_names_and_rejects_text_only_configs():
         visual_tokens(SimpleNamespace(vocab_size=10))
 
 
-def test_tiny_round_trip_forward_and_generate_on_a_real_video(tiny_model_dir, tiny_world_dir):
-    model = load_model(tiny_model_dir)
-    processor = load_processor(tiny_model_dir)
-    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+def test_tiny_round_trip_forward_and_generate_on_a_real_video(tiny_arch_dir, tiny_world_dir):
+    model = load_model(tiny_arch_dir)
+    processor = load_processor(tiny_arch_dir)
+    assert type(model).__name__ == MODEL_CLASSES[model.config.model_type]
     record = json.loads((tiny_world_dir / "test.json").read_text())[0]
     clip = uniform_clip(tiny_world_dir / record["path"])
     inputs = model_inputs(processor, [record["problem"], "Short?"], [clip, clip])
@@ -81,8 +86,8 @@ def test_fps_metadata_spreads_temporal_positions(tiny_model_dir, tiny_world_dir)
     assert inputs["second_per_grid_ts"][0].item() == pytest.approx(expected_seconds_per_group)
 
 
-def test_chat_text_places_video_before_question_and_appends_target(tiny_model_dir):
-    processor = load_processor(tiny_model_dir)
+def test_chat_text_places_video_before_question_and_appends_target(tiny_arch_dir):
+    processor = load_processor(tiny_arch_dir)
     text = chat_text(processor, "What colour?", target="<think>x</think><answer>A</answer>")
     assert text.index("<|video_pad|>") < text.index("What colour?")
     assert text.endswith("<|im_start|>assistant\n<think>x</think><answer>A</answer><|im_end|>")
@@ -194,3 +199,59 @@ def test_pixel_budgets_change_the_grids_and_default_keeps_the_saved_resolution(t
     assert video_max_pixels(budget) == 56 * 56 and video_max_pixels(saved) == 112 * 112
     only_video = load_processor(tiny_model_dir, FramesConfig(max_pixels=56 * 56))
     assert grids(only_video) == ([[2, 2, 4]], [[1, 6, 8]])
+
+
+def test_qwen3_vl_token_layout_is_one_timestamped_block_per_temporal_patch(tiny_qwen3_vl_dir):
+    """The layout real Qwen3-VL checkpoints were trained on: `<t seconds><|vision_start|>pads<|vision_end|>`
+    per temporal patch, t = the mean time of its 2 frames from their true indices and fps, with no wrapper
+    around the blocks (transformers 5.24 alone would nest them inside the template's own wrapper)."""
+    processor = load_processor(tiny_qwen3_vl_dir)
+    assert video_format(processor).timestamps_as_text
+    frames = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    # frames 3, 5 | 20, 30 at 10 fps: (0.3 + 0.5) / 2 = 0.4 s and (2.0 + 3.0) / 2 = 2.5 s
+    clip = Clip(frames=frames, indices=[3, 5, 20, 30], timestamps=[0.3, 0.5, 2.0, 3.0], fps=10.0, total_frames=40)
+    inputs = model_inputs(processor, ["What?"], [clip])
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 4]]  # 64 px = 4 patches of 16; 2 x 2 tokens per patch
+    pads = "<|video_pad|>" * 4
+    expected = (f"<|im_start|>user\n<0.4 seconds><|vision_start|>{pads}<|vision_end|>"
+                f"<2.5 seconds><|vision_start|>{pads}<|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n")
+    assert processor.tokenizer.decode(inputs["input_ids"][0]) == expected
+
+
+def test_qwen2_5_vl_layout_keeps_one_wrapper_and_no_timestamp_text(tiny_model_dir):
+    processor = load_processor(tiny_model_dir)
+    assert not video_format(processor).timestamps_as_text
+    clip = Clip(frames=np.zeros((4, 56, 56, 3), dtype=np.uint8), indices=[3, 5, 20, 30],
+                timestamps=[0.3, 0.5, 2.0, 3.0], fps=10.0, total_frames=40)
+    text = processor.tokenizer.decode(model_inputs(processor, ["What?"], [clip])["input_ids"][0])
+    assert text == f"<|im_start|>user\n<|vision_start|>{'<|video_pad|>' * 8}<|vision_end|>What?<|im_end|>\n" \
+                   "<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "fps", "all", "retrieval", "aks", "dpp"])
+def test_qwen3_vl_timestamps_are_the_selected_frames_true_times(tiny_qwen3_vl_dir, tiny_world_dir, strategy):
+    from common.data import load_samples
+    from common.frames import make_selector
+
+    model, processor = load_model(tiny_qwen3_vl_dir), load_processor(tiny_qwen3_vl_dir)
+    sample = load_samples(tiny_world_dir / "test.json")[0]
+    cfg = FramesConfig(strategy=strategy, num=4, fps=2.0, max_frames=6, candidates=8)
+    clip = make_selector(cfg, model=model, processor=processor)(sample)
+    text = processor.tokenizer.decode(model_inputs(processor, ["q"], [clip])["input_ids"][0])
+    indices = clip.indices + clip.indices[-1:] * (len(clip.indices) % 2)  # an odd last frame is repeated
+    expected = [f"{(a + b) / 2 / clip.fps:.1f}" for a, b in zip(indices[::2], indices[1::2], strict=True)]
+    assert re.findall(r"<([0-9.]+) seconds>", text) == expected
+    assert text.count("<|vision_start|>") == len(expected)
+
+
+def test_qwen3_vl_pixel_budget_is_per_frame_whatever_the_frame_count(tiny_qwen3_vl_dir):
+    """Qwen3-VL's video size is a budget for the whole video; frames.max_pixels stays a per-frame cap."""
+    processor = load_processor(tiny_qwen3_vl_dir, FramesConfig(max_pixels=64 * 64))
+    assert video_format(processor).size_per_video and video_max_pixels(processor) == 64 * 64
+
+    def grid(n):
+        frames = np.zeros((n, 240, 320, 3), dtype=np.uint8)
+        clip = Clip(frames=frames, indices=list(range(n)), timestamps=list(range(n)), fps=1.0, total_frames=n)
+        return model_inputs(processor, ["q"], [clip])["video_grid_thw"][0].tolist()
+
+    assert grid(4) == [2, 2, 4] and grid(16) == [8, 2, 4]  # 240 x 320 under 4096 px -> 32 x 64 either way
