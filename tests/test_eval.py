@@ -42,7 +42,16 @@ def single_run(tiny_model_dir, tiny_world_dir, tmp_path_factory):
     return out
 
 
-def test_outputs_have_every_sample_once_with_required_fields(single_run, tiny_world_dir):
+@pytest.fixture(scope="module")
+def qwen3_vl_run(tiny_qwen3_vl_dir, tiny_world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_qwen3_vl")
+    run_eval(eval_args(tiny_qwen3_vl_dir, tiny_world_dir / "test.json", out))
+    return out
+
+
+@pytest.mark.parametrize("run", ["single_run", "qwen3_vl_run"])
+def test_outputs_have_every_sample_once_with_required_fields(run, request, tiny_world_dir):
+    single_run = request.getfixturevalue(run)
     records = json.loads((tiny_world_dir / "test.json").read_text())
     rows = predictions(single_run)
     assert [r["problem_id"] for r in rows] == [str(r["problem_id"]) for r in records]
