@@ -9,7 +9,9 @@ tiny model built by `python -m common.models build-tiny --out DIR` take the same
     ids = generate_exact(model, inputs, max_new_tokens=64, do_sample=False)
 
 Placeholder token ids (video / image / vision start / end) are read from the model config,
-never hard-coded.
+never hard-coded; how a processor lays a video out (Qwen3-VL's `<t seconds>` text per temporal patch)
+and sizes its frames is read from the processor itself (`video_format`), never from a model name.
+`build-tiny --arch qwen3_vl` builds the tiny Qwen3-VL.
 """
 
 from __future__ import annotations
