@@ -7,15 +7,18 @@ prompts left-padded to P, completions right-padded to Lc (what `generate` return
 What makes it cheap (each gives the same numbers as the straightforward way; tests check it):
 - the vision tower runs once per video per step: `visual_features` encodes each prompt's video
   once; the G copies of a prompt share those features (`embed_inputs`), and the frame-shuffled
-  counterfactual permutes whole temporal patches of the cached features, which for Qwen2-VL /
-  Qwen2.5-VL equals re-encoding shuffled frame pairs (the tower attends within a patch only);
+  counterfactual permutes whole temporal patches of the cached features, which equals re-encoding
+  shuffled frame pairs (the tower attends within a patch only); a model's DeepStack features
+  (Qwen3-VL: vision features added into the first language layers at the visual positions) are
+  cached, repeated and permuted with the main ones, and timestamp text tokens stay where they are;
 - the visual-removed counterfactual drops the visual tokens from the sequence and keeps every
-  other token's position, which equals masking them from attention, and needs no pixels;
+  other token's position, which equals masking them from attention, and needs no pixels (their
+  DeepStack injections go with them);
 - the G completions of a prompt share its prefix: the no-grad passes run the B prompts once and
   reuse their KV cache for the G completions each;
 - log-probs come from hidden states in chunks (`token_logps_and_entropy`), never as a
   (N x L x vocabulary) float32 tensor.
-Supported: the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL), whose processor gives mm_token_type_ids.
+Supported: the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), whose processors give mm_token_type_ids.
 
 Under ZeRO-3 every call of a sharded module is a collective, so every rank must make the same
 sequence of calls whatever its batch holds. Each pass here makes a fixed number of calls: one
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from common.grpo import token_logps_and_entropy
-from common.models import visual_tokens
+from common.models import embed_visual, encode_visual, visual_tokens
 
 TEMPORAL_MODES = ("shuffle", "reverse", "segment_shuffle", "frame_shuffle")
 
@@ -112,8 +115,8 @@ def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, grou
 
 @dataclass
 class VisualFeatures:
-    video: list[torch.Tensor]  # per video, (tokens, hidden), temporal patches contiguous
-    image: list[torch.Tensor]
+    video: list[torch.Tensor]  # per video, (tokens, 1 + DeepStack levels, hidden), temporal patches contiguous
+    image: list[torch.Tensor]  # per image, the same layout
     video_grids: torch.Tensor | None  # (B_video, 3) t, h, w in patches
 
 
@@ -125,23 +128,30 @@ def visual_features(model, visual_inputs: dict) -> VisualFeatures:
     if not pixels:
         return VisualFeatures([], [], None)
     grids = torch.cat([g for g in (video_grids, image_grids) if g is not None])
-    out = list(model.model.get_video_features(torch.cat(pixels), grids).pooler_output)
+    out = encode_visual(model, torch.cat(pixels), grids)
     n_video = 0 if video_grids is None else len(video_grids)
     return VisualFeatures(out[:n_video], out[n_video:], video_grids)
 
 
-def embed_inputs(model, input_ids: torch.Tensor, features: VisualFeatures, rows_per_prompt: int) -> torch.Tensor:
+def embed_inputs(model, input_ids: torch.Tensor, features: VisualFeatures, rows_per_prompt: int
+                 ) -> tuple[torch.Tensor, dict]:
     """Token embeddings with each prompt's visual features scattered into its placeholders,
-    repeated for the prompt's `rows_per_prompt` rows (the features are not recomputed)."""
+    repeated for the prompt's `rows_per_prompt` rows (the features are not recomputed), and the
+    language model's DeepStack arguments for them ({} for a model without DeepStack)."""
     ids = visual_tokens(model.config)
     embeds = model.get_input_embeddings()(input_ids)
+    is_visual = torch.isin(input_ids, torch.tensor([ids.image, ids.video], device=input_ids.device))
+    visual = None  # (visual positions in row-major order, 1 + levels, hidden)
     for token, feats in ((ids.image, features.image), (ids.video, features.video)):
         if not feats:
             continue
-        rows = torch.cat([f for f in feats for _ in range(rows_per_prompt)], dim=0).to(embeds.dtype)
-        mask = (input_ids == token).unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, rows)
-    return embeds
+        rows = torch.cat([f for f in feats for _ in range(rows_per_prompt)], dim=0)
+        if visual is None:
+            visual = rows.new_zeros(int(is_visual.sum()), *rows.shape[1:])
+        visual[(input_ids == token)[is_visual]] = rows
+    if visual is None:
+        return embeds, {}
+    return embed_visual(embeds, is_visual, visual)
 
 
 def permute_temporal_patches(features: VisualFeatures, permutations: list[torch.Tensor | None]) -> VisualFeatures:
@@ -151,7 +161,7 @@ def permute_temporal_patches(features: VisualFeatures, permutations: list[torch.
     out = []
     for feats, grid, perm in zip(features.video, features.video_grids.tolist(), permutations, strict=True):
         t = grid[0]
-        out.append(feats if perm is None else feats.view(t, -1, feats.shape[-1])[perm].reshape_as(feats))
+        out.append(feats if perm is None else feats.view(t, -1, *feats.shape[1:])[perm].reshape_as(feats))
     return VisualFeatures(out, features.image, features.video_grids)
 
 
@@ -206,9 +216,9 @@ def policy_logps(model, rollout: Rollout, features: VisualFeatures, chunk_size: 
                  with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Completion-token log-probs (differentiable) and entropies under the real input, one
     forward over all N rows with the shared visual features."""
-    embeds = embed_inputs(model, rollout.input_ids, features, rollout.group_size)
+    embeds, deepstack = embed_inputs(model, rollout.input_ids, features, rollout.group_size)
     hidden = model.model.language_model(inputs_embeds=embeds, position_ids=rollout.position_ids,
-                                        attention_mask=rollout.attention_mask).last_hidden_state
+                                        attention_mask=rollout.attention_mask, **deepstack).last_hidden_state
     p = rollout.prompt_length
     return token_logps_and_entropy(hidden[:, p - 1: -1], model.get_output_embeddings(), rollout.completion_ids,
                                    chunk_size, with_entropy=with_entropy, temperature=rollout.temperature)
@@ -239,13 +249,13 @@ def counterfactual_logps(model, rollout: Rollout, features: VisualFeatures | Non
     positions = rollout.position_ids[..., first, :p]
     prefix_positions = positions.gather(-1, take.expand(*positions.shape[:-2], *take.shape))
     if drop_visual:
-        prefix_embeds = model.get_input_embeddings()(prefix_ids)
+        prefix_embeds, deepstack = model.get_input_embeddings()(prefix_ids), {}
     else:
-        prefix_embeds = embed_inputs(model, prefix_ids, features, rows_per_prompt=1)
+        prefix_embeds, deepstack = embed_inputs(model, prefix_ids, features, rows_per_prompt=1)
 
     lm = model.model.language_model
     prefix = lm(inputs_embeds=prefix_embeds, position_ids=prefix_positions, attention_mask=prefix_mask.long(),
-                use_cache=True)
+                use_cache=True, **deepstack)
     cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
     cache.batch_repeat_interleave(g)
     completion_ids = rollout.completion_ids

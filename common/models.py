@@ -313,6 +313,46 @@ def model_inputs(processor, prompts: Sequence[str], visuals: Sequence[Clip | np.
 
 
 # ---------------------------------------------------------------------------------------------
+# Visual features outside the model's own forward (cached, shared or permuted by the stages).
+# ---------------------------------------------------------------------------------------------
+
+def encode_visual(model, pixels: torch.Tensor, grids: torch.Tensor) -> list[torch.Tensor]:
+    """The vision tower's features of each item of `grids` (videos and images alike), in one call.
+
+    Each item is (tokens, 1 + D, hidden): level 0 replaces the item's placeholder tokens; levels 1..D are
+    the DeepStack features the encoder returns next to them (Qwen3-VL: from intermediate vision layers),
+    which the language model adds to its hidden states at the same positions after each of its first D
+    layers. D = 0 when the encoder returns none (Qwen2-VL, Qwen2.5-VL). Keeping the levels in one tensor
+    means anything that caches, repeats or permutes visual tokens carries all of them together.
+    """
+    out = model.model.get_video_features(pixels, grids)
+    deepstack = getattr(out, "deepstack_features", None) or []
+    return [torch.stack([main, *(level[i] for level in deepstack)], dim=1) for i, main in enumerate(out.pooler_output)]
+
+
+def embed_visual(embeds: torch.Tensor, visual_mask: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Token embeddings (B, L, hidden) with `visual` (n, 1 + D, hidden) at the n True positions of
+    `visual_mask` (B, L), in row-major order, and the language model's keyword arguments that inject the
+    DeepStack levels there ({} when D = 0): what the model's own forward does with its encoder's output."""
+    embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1).expand_as(embeds), visual[:, 0].to(embeds.dtype))
+    if visual.shape[1] == 1:
+        return embeds, {}
+    return embeds, {"visual_pos_masks": visual_mask, "deepstack_visual_embeds": list(visual[:, 1:].unbind(1))}
+
+
+def add_deepstack(hidden: torch.Tensor, layer: int, deepstack: dict) -> torch.Tensor:
+    """The hidden states after decoder layer `layer` as the language model passes them on: plus that
+    layer's DeepStack level at the visual positions, if `deepstack` (from `embed_visual`) has one."""
+    levels = deepstack.get("deepstack_visual_embeds", [])
+    if layer >= len(levels):
+        return hidden
+    mask = deepstack["visual_pos_masks"]
+    hidden = hidden.clone()
+    hidden[mask] = hidden[mask] + levels[layer].to(hidden.dtype)
+    return hidden
+
+
+# ---------------------------------------------------------------------------------------------
 # The tiny model: a real architecture with random weights and a locally trained tokenizer.
 # ---------------------------------------------------------------------------------------------
 
