@@ -33,7 +33,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.models import apply_pixel_budget, chat_text, load_model, load_processor, video_max_pixels
+from common.models import (
+    add_deepstack,
+    apply_pixel_budget,
+    chat_text,
+    embed_visual,
+    encode_visual,
+    load_model,
+    load_processor,
+    video_max_pixels,
+)
 from common.video import Clip, probe, read_frames
 
 CONFIG_NAME, WEIGHTS_NAME = "voyager.json", "voyager.safetensors"
@@ -103,9 +112,11 @@ def own_patch_inputs(processor, clip: Clip, text: str):
                      padding=True, return_tensors="pt")
 
 
-def bottom_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, layers: int) -> torch.Tensor:
-    """Hidden states after the first `layers` decoder layers (one unpadded sequence per row), without
-    running the rest of the model."""
+def bottom_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, layers: int,
+                  deepstack: dict | None = None) -> torch.Tensor:
+    """Hidden states after the first `layers` decoder layers (one unpadded sequence per row), as the next
+    layer would receive them (with the DeepStack levels of `deepstack`, from `embed_visual`, added after
+    the layers they belong to), without running the rest of the model."""
     from transformers.masking_utils import create_causal_mask
 
     lm = model.model.language_model
@@ -114,8 +125,9 @@ def bottom_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, layer
     mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=None, cache=None)
     position_embeddings = lm.rotary_emb(embeds, position_ids)
     hidden = embeds
-    for layer in lm.layers[:layers]:
+    for index, layer in enumerate(lm.layers[:layers]):
         hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings)
+        hidden = add_deepstack(hidden, index, deepstack or {})
     return hidden
 
 
@@ -128,15 +140,14 @@ def backbone_features(model, processor, clip: Clip, query: str, layers: int) -> 
     """
     inputs = own_patch_inputs(processor, clip, chat_text(processor, query)).to(model.device)
     ids = inputs["input_ids"]
-    video_mask = ids[0] == model.config.video_token_id
-    embeds = model.get_input_embeddings()(ids)
-    visual = torch.cat(model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output)
-    embeds[0, video_mask] = visual.to(embeds.dtype)
+    video_mask = ids == model.config.video_token_id
+    visual = torch.cat(encode_visual(model, inputs["pixel_values_videos"], inputs["video_grid_thw"]))
+    embeds, deepstack = embed_visual(model.get_input_embeddings()(ids), video_mask, visual)
     position_ids, _ = model.model.get_rope_index(
         ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
         second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
-    hidden = bottom_layers(model, embeds, position_ids, layers)[0].float()
-    video_pos = video_mask.nonzero().squeeze(1)
+    hidden = bottom_layers(model, embeds, position_ids, layers, deepstack)[0].float()
+    video_pos = video_mask[0].nonzero().squeeze(1)
     frames = hidden[video_pos].view(len(clip.indices), -1, hidden.shape[-1])
     return frames, hidden[int(video_pos[-1]) + 2:]  # skip <|vision_end|>
 

@@ -13,7 +13,7 @@ import torch
 from common.data import load_samples
 from common.jsonl import read_jsonl
 from common.launch import cpu_launch_env
-from common.models import chat_text, load_model, load_processor
+from common.models import chat_text, embed_visual, encode_visual, load_model, load_processor
 from common.video import read_frames
 from common.voyager import (
     VoyagerHeads,
@@ -64,31 +64,38 @@ def test_select_top_returns_the_best_frames_in_temporal_order():
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return load_model(tiny_model_dir).eval(), load_processor(tiny_model_dir)
+def tiny(tiny_arch_dir):
+    """Every family's backbone (Qwen3-VL: DeepStack features injected into the bottom layers)."""
+    return load_model(tiny_arch_dir).eval(), load_processor(tiny_arch_dir)
 
 
-def test_bottom_layers_equal_the_models_own_forward(tiny, tiny_world_dir):
+def test_bottom_layers_and_backbone_features_equal_the_models_own_forward(tiny, tiny_world_dir):
     model, processor = tiny
     sample = load_samples(tiny_world_dir / "test.json")[0]
     clip = read_frames(sample.path, num_frames=6)
     inputs = own_patch_inputs(processor, clip, chat_text(processor, sample.problem))
+    lm = model.model.language_model
     with torch.no_grad():
-        want = model.model(**inputs).last_hidden_state
+        want = model.model(**inputs).last_hidden_state[0]
         model.model.rope_deltas = None
         ids = inputs["input_ids"]
-        embeds = model.get_input_embeddings()(ids)
-        visual = model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
-        embeds[ids == model.config.video_token_id] = torch.cat(visual)
+        video_mask = ids == model.config.video_token_id
+        visual = torch.cat(encode_visual(model, inputs["pixel_values_videos"], inputs["video_grid_thw"]))
+        embeds, deepstack = embed_visual(model.get_input_embeddings()(ids), video_mask, visual)
         positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                                   video_grid_thw=inputs["video_grid_thw"],
-                                                  second_per_grid_ts=inputs["second_per_grid_ts"],
+                                                  second_per_grid_ts=inputs.get("second_per_grid_ts"),
                                                   attention_mask=inputs["attention_mask"])
-        lm = model.model.language_model
-        got = lm.norm(bottom_layers(model, embeds, positions, len(lm.layers)))
-    assert torch.allclose(got, want, atol=1e-5)
+        got = lm.norm(bottom_layers(model, embeds, positions, len(lm.layers), deepstack))[0]
+        frames, query = backbone_features(model, processor, clip, sample.problem, layers=len(lm.layers))
+        assert torch.allclose(got, want, atol=1e-5)
+        # backbone_features at the top layer: the model's own hidden states at the frames and the query
+        assert torch.allclose(lm.norm(frames.flatten(0, 1)), want[video_mask[0]], atol=1e-5)
+        last_video = int(video_mask[0].nonzero()[-1])
+        assert torch.allclose(lm.norm(query), want[last_video + 2:], atol=1e-5)
     frames, query = backbone_features(model, processor, clip, sample.problem, layers=1)
-    assert frames.shape == (6, 16, model.config.text_config.hidden_size)  # 112 px: 16 tokens per frame
+    _, h, w = inputs["video_grid_thw"][0].tolist()
+    assert frames.shape == (6, h * w // 4, model.config.text_config.hidden_size)  # each frame its own patch
     assert query.shape[0] > 3
 
 
@@ -115,7 +122,7 @@ def test_save_load_round_trip_and_backbone_mismatch_errors(tiny, tmp_path):
     spec_json = json.loads((tmp_path / "v" / "voyager.json").read_text())
     spec_json["fingerprint"]["hidden_size"] = 4096
     (tmp_path / "v" / "voyager.json").write_text(json.dumps(spec_json))
-    with pytest.raises(ValueError, match="hidden_size is 128, the heads were trained on 4096"):
+    with pytest.raises(ValueError, match=f"hidden_size is {hidden}, the heads were trained on 4096"):
         load_voyager(tmp_path / "v", backbone=model)
 
 
