@@ -29,10 +29,15 @@ combination; the losses agree within 1e-4):
   ([f, f]): it would make features per frame (M patches instead of up to C(M, 2)) but double the
   visual tokens in every LLM forward, which is where the time goes for real models, and label
   frames in a layout the answering model never sees;
-- every combination of a sample has the same token sequence and the same 3-D RoPE positions (same T,
-  same frame size; the processor spaces temporal positions by the number of sampled frames, not by
-  which ones), so both are computed once; the batch differs only in the visual features scattered
-  at the video placeholders;
+- where time is carried by RoPE alone (Qwen2-VL, Qwen2.5-VL), every combination of a sample has the
+  same token sequence and the same 3-D RoPE positions (same T, same frame size; the processor spaces
+  temporal positions by the number of sampled frames, not by which ones), so both are computed once
+  and the batch differs only in the visual features scattered at the video placeholders; where the
+  processor writes timestamps as text (Qwen3-VL's `<t seconds>`), each combination has its own
+  tokens, so the processor lays out each batch's sequences (left-padded) and only the vision features
+  are shared;
+- a model's DeepStack features (Qwen3-VL) are cached with the main features of each temporal patch
+  and injected into the first language layers as the model's own forward does;
 - combinations run in batches of `batch_size`, and the LM head runs on the answer positions only.
 """
 
@@ -58,7 +63,17 @@ from common.data import Sample, build_prompt, build_target, load_samples
 from common.frames import FramesConfig, require_pixel_budget
 from common.jsonl import append_jsonl, merge_shards, read_jsonl, write_json
 from common.launch import make_accelerator
-from common.models import chat_text, load_model, load_processor, model_inputs, model_path_ok, video_max_pixels
+from common.models import (
+    chat_text,
+    embed_visual,
+    encode_visual,
+    load_model,
+    load_processor,
+    model_inputs,
+    model_path_ok,
+    video_format,
+    video_max_pixels,
+)
 from common.video import Clip, VideoError, probe, read_frames
 from common.voyager import subclip
 
@@ -194,26 +209,39 @@ def straightforward_losses(model, processor, clip: Clip, prompt: str, target: st
 class CombinationLabeler:
     """Answer losses of many combinations of one sample's candidates, sharing all the work they share.
 
-    Built once per sample: per-frame pixel patches, the token sequence with its RoPE positions, and a
-    cache of vision-tower outputs per temporal patch (a tuple of candidate positions).
+    Built once per sample: per-frame pixel patches and a cache of vision-tower outputs per temporal
+    patch (a tuple of candidate positions), DeepStack levels included. The token sequences: one for all
+    combinations, built once, when the processor places time through RoPE only; per combination when it
+    writes timestamps as text (`VideoFormat.timestamps_as_text`), since the `<t seconds>` tokens, and
+    the length once times reach 10 s, depend on which frames are in it. Those come from the processor
+    for each batch, left-padded (the answer stays the last tokens of every row).
     """
 
     def __init__(self, model, processor, clip: Clip, prompt: str, target: str, num_frames: int):
         self.model, self.processor = model, processor
+        self.clip, self.prompt, self.target = clip, prompt, target
         vp = processor.video_processor
         self.tp, self.t = vp.temporal_patch_size, num_frames
         self.frame_patches = self._frame_patches(clip)  # (M, h*w, C, patch*patch): per candidate frame
-        # The token sequence is the same for every combination: build it from any one of them.
-        first = subclip(clip, range(num_frames))
-        inputs = model_inputs(processor, [prompt], [first], targets=[target]).to(model.device)
-        self.input_ids = inputs["input_ids"]
-        self.video_positions = (self.input_ids[0] == model.config.video_token_id).nonzero().squeeze(1)
-        self.position_ids, _ = model.model.get_rope_index(
-            self.input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
-            second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
         self.n_target = target_length(processor, prompt, target)
-        self.text_embeds = model.get_input_embeddings()(self.input_ids)
+        self.shared_tokens = None
+        if not video_format(processor).timestamps_as_text:  # one sequence for all: build it from any combination
+            self.shared_tokens = self._token_inputs([tuple(range(num_frames))])
         self.patch_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _token_inputs(self, combos: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask and RoPE position_ids of the combinations' sequences (left-padded)."""
+        if self.shared_tokens is not None:
+            ids, mask, positions = self.shared_tokens
+            b = len(combos)
+            return ids.expand(b, -1), mask.expand(b, -1), positions.expand(-1, b, -1)
+        clips = [subclip(self.clip, c) for c in combos]
+        inputs = model_inputs(self.processor, [self.prompt] * len(clips), clips,
+                              targets=[self.target] * len(clips)).to(self.model.device)
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
+            second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
+        return inputs["input_ids"], inputs["attention_mask"], positions
 
     def _frame_patches(self, clip: Clip) -> torch.Tensor:
         """Resize/normalise/patchify the candidates once and split the result back into single frames.
@@ -250,26 +278,23 @@ class CombinationLabeler:
         rows = self.frame_patches[torch.tensor(todo)]  # (P, tp, h*w, C, ps2) -> the processor's row layout
         rows = rows.permute(0, 2, 3, 1, 4).reshape(len(todo) * h * w, -1).to(self.model.device)
         grid = torch.tensor([[1, h, w]] * len(todo), device=self.model.device)
-        features = self.model.get_video_features(rows, grid).pooler_output
-        self.patch_cache.update(zip(todo, features, strict=True))
+        self.patch_cache.update(zip(todo, encode_visual(self.model, rows, grid), strict=True))
 
     @torch.no_grad()
     def losses(self, combos: Sequence[tuple[int, ...]], batch_size: int) -> list[float]:
         lm = self.model.model.language_model
         patches = [self.temporal_patches(c) for c in combos]
         self._encode([p for ps in patches for p in ps])
-        n, length = self.n_target, self.input_ids.shape[1]
+        n = self.n_target
         out = []
         for i in range(0, len(combos), batch_size):
-            chunk = patches[i: i + batch_size]
-            b = len(chunk)
-            embeds = self.text_embeds.expand(b, -1, -1).clone()
-            visual = torch.stack([torch.cat([self.patch_cache[p] for p in ps]) for ps in chunk])
-            embeds[:, self.video_positions] = visual.to(embeds.dtype)
-            hidden = lm(inputs_embeds=embeds, position_ids=self.position_ids.expand(-1, b, -1),
-                        attention_mask=torch.ones(b, length, dtype=torch.long, device=embeds.device)).last_hidden_state
-            logits = self.model.lm_head(hidden[:, length - n - 1: length - 1])
-            out += answer_losses(logits, self.input_ids[:, length - n:].expand(b, -1)).tolist()
+            ids, mask, positions = self._token_inputs(combos[i: i + batch_size])
+            visual = torch.cat([self.patch_cache[p] for ps in patches[i: i + batch_size] for p in ps])
+            embeds, deepstack = embed_visual(self.model.get_input_embeddings()(ids),
+                                             ids == self.model.config.video_token_id, visual)
+            hidden = lm(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, **deepstack)
+            logits = self.model.lm_head(hidden.last_hidden_state[:, -n - 1: -1])
+            out += answer_losses(logits, ids[:, -n:]).tolist()
         return out
 
 

@@ -1,6 +1,7 @@
 """label_frames.py: the fast losses equal the straightforward ones, combination sampling, resume after
 an interruption without duplicates, and broken videos recorded and skipped."""
 
+import dataclasses
 import json
 import random
 import shutil
@@ -27,16 +28,20 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
+def tiny(tiny_arch_dir):
+    """The fast labeler is checked on every supported family."""
     torch.manual_seed(0)
-    return load_model(tiny_model_dir).eval(), load_processor(tiny_model_dir)
+    return load_model(tiny_arch_dir).eval(), load_processor(tiny_arch_dir)
 
 
 @pytest.mark.parametrize("num_frames,target", [(4, "answer"), (3, "reasoning_answer")])
 def test_fast_losses_equal_the_straightforward_processor_and_forward(tiny, tiny_world_dir, num_frames, target):
+    """The second video is declared 4x slower, so its frames' times pass 10 s: where timestamps are text
+    (Qwen3-VL), combinations then differ in their `<t seconds>` tokens and even in sequence length."""
     model, processor = tiny
-    for sample in load_samples(tiny_world_dir / "train.json")[:2]:
+    for sample, slow_down in zip(load_samples(tiny_world_dir / "train.json")[:2], (1, 4), strict=True):
         clip = read_frames(sample.path, num_frames=8)
+        clip = dataclasses.replace(clip, fps=clip.fps / slow_down)
         prompt, text = build_prompt(sample), target_text(sample, target)
         combos = balanced_combinations(8, num_frames, 12, random.Random(0))
         fast = CombinationLabeler(model, processor, clip, prompt, text, num_frames).losses(combos, batch_size=5)
