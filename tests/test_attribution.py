@@ -72,6 +72,26 @@ def test_real_and_counterfactual_logps_equal_the_straightforward_passes(setup):
     assert max_diff(real, masked, valid) > 1e-3 and max_diff(real, shuffled, valid) > 1e-3
 
 
+def test_frame_shuffle_pass_equals_the_model_on_the_shuffled_frames(setup):
+    """frame_shuffle re-encodes single frames in a new order (pairs change): its cheap pass equals a plain
+    forward on those pixels, timestamp tokens (Qwen3-VL) staying where they are."""
+    model, processor, records, clips, _ = setup
+    rollout = make_rollout(model, processor, ["A video?", records[1]["problem"]], clips)
+    vision = model.config.vision_config
+    grids = rollout.visual_inputs["video_grid_thw"]
+    gen = torch.Generator().manual_seed(0)
+    perms = [temporal_permutation(int(g[0]) * vision.temporal_patch_size, "frame_shuffle", gen) for g in grids]
+    pixels = permute_frame_pixels(rollout.visual_inputs["pixel_values_videos"], grids, perms,
+                                  vision.temporal_patch_size, vision.patch_size)
+    shuffled = dataclasses.replace(rollout, visual_inputs={**rollout.visual_inputs, "pixel_values_videos": pixels})
+    with torch.no_grad():
+        ours = counterfactual_logps(model, rollout, visual_features(model, shuffled.visual_inputs), drop_visual=False)
+        real = counterfactual_logps(model, rollout, visual_features(model, rollout.visual_inputs), drop_visual=False)
+    valid = rollout.completion_mask
+    assert max_diff(ours, naive_logps(model, shuffled, "real"), valid) <= 1e-4
+    assert max_diff(ours, real, valid) > 1e-3
+
+
 def test_mixed_video_and_image_batch_matches_straightforward(setup):
     model, processor, records, clips, image = setup
     rollout = make_rollout(model, processor, ["A video?", "An image?"], [clips[0], image])
