@@ -11,6 +11,9 @@ tiny model built by `python -m common.models build-tiny --out DIR` take the same
 Placeholder token ids (video / image / vision start / end) are read from the model config,
 never hard-coded; how a processor lays a video out (Qwen3-VL's `<t seconds>` text per temporal patch)
 and sizes its frames is read from the processor itself (`video_format`), never from a model name.
+Stages that cache, share or permute visual features outside the model's forward get them from
+`encode_visual` with the DeepStack levels the encoder returns (Qwen3-VL), and feed them back with
+`embed_visual` (and `add_deepstack` when running decoder layers by hand), as the model's forward does.
 `build-tiny --arch qwen3_vl` builds the tiny Qwen3-VL.
 """
 
