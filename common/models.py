@@ -10,11 +10,13 @@ tiny model built by `python -m common.models build-tiny --out DIR` take the same
 
 Placeholder token ids (video / image / vision start / end) are read from the model config,
 never hard-coded; how a processor lays a video out (Qwen3-VL's `<t seconds>` text per temporal patch)
-and sizes its frames is read from the processor itself (`video_format`), never from a model name.
+and sizes its frames is read from the processor itself (`video_format`), never from a model name: a
+LLaVA-style processor resizes every frame to one fixed size and expands `<video>` alone, with no grids.
 Stages that cache, share or permute visual features outside the model's forward get them from
 `encode_visual` with the DeepStack levels the encoder returns (Qwen3-VL), and feed them back with
 `embed_visual` (and `add_deepstack` when running decoder layers by hand), as the model's forward does.
-`build-tiny --arch qwen3_vl` builds the tiny Qwen3-VL.
+`build-tiny --arch qwen3_vl` builds the tiny Qwen3-VL, `--arch llava_onevision` a tiny LLaVA-OneVision
+(SigLIP + Qwen2, 1-D positions, every frame its own image pooled 2 x 2, one newline token per video).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class VideoFormat:
     template_wrapper: str  # what the template puts around the video placeholder ('' = nothing to strip)
     video_token: str
     size_per_video: bool  # size["longest_edge"] caps t * h * w (Qwen3-VL), not h * w (Qwen2-VL)
+    fixed_frame_size: bool = False  # every frame is resized to size["height"] x size["width"] (LLaVA-OneVision)
 
 
 def _frame_factor(video_processor) -> int:
@@ -110,6 +113,11 @@ def video_format(processor) -> VideoFormat:
     if processor in _VIDEO_FORMATS:
         return _VIDEO_FORMATS[processor]
     vp = processor.video_processor
+    if vp.size.get("longest_edge") is None:  # no pixel budget: one fixed frame size, no patches to probe
+        fmt = VideoFormat(timestamps_as_text=False, template_wrapper="", video_token=processor.video_token,
+                          size_per_video=False, fixed_frame_size=True)
+        _VIDEO_FORMATS[processor] = fmt
+        return fmt
     f, tp = _frame_factor(vp), vp.temporal_patch_size
     meta = {"fps": 1.0, "total_num_frames": tp, "frames_indices": list(range(tp))}
     video_token = processor.video_token
@@ -177,7 +185,8 @@ def _cap_size(sub_processor, max_pixels: int, name: str) -> None:
     size = getattr(sub_processor, "size", None)
     if size is None or size.get("shortest_edge") is None or size.get("longest_edge") is None:
         raise ValueError(f"{name} {type(sub_processor).__name__} has no pixel-count size (size={size!r}); "
-                         "pixel budgets need a Qwen2-VL-style processor")
+                         "pixel budgets need a Qwen2-VL-style processor (for one that resizes every frame to a "
+                         "fixed size, e.g. LLaVA-OneVision, set frames.max_pixels=0 and frames.image_max_pixels=0)")
     # Qwen2-VL processors resize each frame to at most size["longest_edge"] pixels (smart_resize on the
     # 28-px grid); the minimum moves down with it, so a budget below the saved minimum still binds.
     sub_processor.size = type(size)(shortest_edge=min(size["shortest_edge"], max_pixels), longest_edge=max_pixels)
@@ -207,8 +216,10 @@ def apply_pixel_budget(processor, max_pixels: int = 0, image_max_pixels: int = 0
 
 def video_max_pixels(processor) -> int:
     """The per-frame pixel cap the processor applies now (size["longest_edge"], or for a per-video size the
-    max_video_tokens per frame)."""
+    max_video_tokens per frame, or for a fixed frame size its height x width)."""
     vp = processor.video_processor
+    if video_format(processor).fixed_frame_size:
+        return int(vp.size["height"] * vp.size["width"])
     if video_format(processor).size_per_video and vp.cap_pixels_per_frame:
         return int(vp.max_video_tokens * _frame_factor(vp) ** 2)
     return int(vp.size["longest_edge"])
@@ -375,7 +386,20 @@ CHAT_TEMPLATE = (
 )
 
 
-TINY_ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+# LLaVA-OneVision's tokenizer is Qwen2's (ChatML) with `<image>` and `<video>` added; its template puts the
+# visual placeholders right after the role, then each text on its own line.
+LLAVA_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% if message['content'] is string %}{{ '\\n' + message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'video' %}<video>{% endif %}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ '\\n' + item['text'] }}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava_onevision")
 
 
 @dataclass
@@ -409,8 +433,10 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def train_tokenizer(corpus: Sequence[str], vocab_size: int):
-    """A byte-level BPE with Qwen's pre-tokenizer, wrapped as the Qwen2 tokenizer class."""
+def train_tokenizer(corpus: Sequence[str], vocab_size: int, special_tokens: Sequence[str] = tuple(SPECIAL_TOKENS),
+                    chat_template: str = CHAT_TEMPLATE):
+    """A byte-level BPE with Qwen's pre-tokenizer, wrapped as the Qwen2 tokenizer class; `special_tokens`
+    starts with `<|endoftext|>` (padding) and holds `<|im_end|>` (end of turn)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
 
@@ -421,15 +447,15 @@ def train_tokenizer(corpus: Sequence[str], vocab_size: int):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(list(corpus) * 4, trainer=trainer)
     saved = json.loads(bpe.to_str())
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in saved["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(vocab=saved["model"]["vocab"], merges=merges, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens[1:])})
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -454,8 +480,11 @@ def build_tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_tokenizer(tokenizer_corpus(), spec.vocab_size)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    if spec.arch == "llava_onevision":
+        tokenizer = train_tokenizer(tokenizer_corpus(), spec.vocab_size, LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE)
+    else:
+        tokenizer = train_tokenizer(tokenizer_corpus(), spec.vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + LLAVA_SPECIAL_TOKENS[3:]}
     vocab = max(spec.model_vocab, -(-len(tokenizer) // 64) * 64)
 
     # mrope splits head_dim/2 rotary frequencies over (time, height, width), in Qwen's 1:1.5:1.5 ratio.
@@ -485,8 +514,10 @@ def build_tiny(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
         model = Qwen2VLForConditionalGeneration(config)
         processor = _qwen2_vl_processor(Qwen2VLProcessor, spec, tokenizer)
-    else:
+    elif spec.arch == "qwen3_vl":
         model, processor = _tiny_qwen3_vl(spec, text, token_ids, tokenizer)
+    else:
+        model, processor = _tiny_llava_onevision(spec, text, ids, tokenizer)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = ids["<|endoftext|>"]
@@ -542,6 +573,42 @@ def _tiny_qwen3_vl(spec: TinySpec, text: dict, token_ids: dict, tokenizer):
                                   temporal_patch_size=2, merge_size=2)
     processor = Qwen3VLProcessor(image_processor=image, video_processor=video, tokenizer=tokenizer,
                                  chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+def _tiny_llava_onevision(spec: TinySpec, text: dict, ids: dict, tokenizer):
+    """LLaVA-OneVision: a SigLIP vision tower (no CLS token, no pooling head) whose last-layer patch features
+    go through a 2-layer MLP projector into a Qwen2 language model with ordinary 1-D RoPE. A video is its
+    frames encoded one by one at one fixed size, each frame's patch grid pooled 2 x 2 (bilinear), then one
+    learned newline token after the whole video; an image is tiled "anyres" (base view + grid tiles).
+    The frame side is spec.max_pixels' square root, rounded down to the 14-px patch."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    patch = 14
+    side = max(patch, int(spec.max_pixels**0.5) // patch * patch)
+    text = {k: v for k, v in text.items() if k != "rope_parameters"}
+    text.update(model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(model_type="siglip_vision_model", hidden_size=spec.vision_hidden, num_hidden_layers=spec.vision_depth,
+                  num_attention_heads=spec.vision_heads, intermediate_size=2 * spec.vision_hidden, patch_size=patch,
+                  image_size=side, vision_use_head=False)
+    pinpoints = [[side * rows, side * cols] for rows in (1, 2) for cols in (1, 2)]  # anyres tiles, up to 2 x 2
+    config = LlavaOnevisionConfig(text_config=text, vision_config=vision, image_grid_pinpoints=pinpoints,
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                  image_token_index=ids["<image>"], video_token_index=ids["<video>"],
+                                  tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    size, norm = {"height": side, "width": side}, dict(image_mean=[0.5] * 3, image_std=[0.5] * 3)  # SigLIP's
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints, **norm),
+        video_processor=LlavaOnevisionVideoProcessor(size=size, **norm), tokenizer=tokenizer,
+        num_image_tokens=(side // patch) ** 2, vision_feature_select_strategy="full",
+        chat_template=LLAVA_CHAT_TEMPLATE)
     return model, processor
 
 

@@ -1,6 +1,7 @@
 """The tiny model round trip through the Auto classes, placeholder ids, and fps-aware inputs."""
 
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -28,15 +29,17 @@ def uniform_clip(path, n=8) -> Clip:
     return read_frames(path, num_frames=n)
 
 
-def test_placeholder_ids_come_from_config_and_match_tokenizer(tiny_arch_dir):
-    model = load_model(tiny_arch_dir)
-    processor = load_processor(tiny_arch_dir)
+def test_placeholder_ids_come_from_config_and_match_tokenizer(tiny_answering_arch_dir):
+    model = load_model(tiny_answering_arch_dir)
+    processor = load_processor(tiny_answering_arch_dir)
     ids = visual_tokens(model.config)
     tok = processor.tokenizer
-    assert ids.video == tok.convert_tokens_to_ids("<|video_pad|>")
-    assert ids.image == tok.convert_tokens_to_ids("<|image_pad|>")
-    assert ids.vision_start == tok.convert_tokens_to_ids("<|vision_start|>")
-    assert ids.video != ids.image and len(set(ids.placeholders)) == 4
+    assert ids.video == tok.convert_tokens_to_ids(processor.video_token)
+    assert ids.image == tok.convert_tokens_to_ids(processor.image_token)
+    # Qwen-VL wraps visual tokens in <|vision_start|> ... <|vision_end|>; LLaVA-OneVision has no wrapper.
+    wrapper = [tok.get_vocab().get(t) for t in ("<|vision_start|>", "<|vision_end|>")]
+    assert [ids.vision_start, ids.vision_end] == wrapper
+    assert ids.video != ids.image and len(set(ids.placeholders)) == 2 + 2 * (wrapper[0] is not None)
 
 
 def test_visual_tokens_reads_llava_style_names_and_rejects_text_only_configs():
@@ -46,19 +49,28 @@ def test_visual_tokens_reads_llava_style_names_and_rejects_text_only_configs():
         visual_tokens(SimpleNamespace(vocab_size=10))
 
 
-MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+MODEL_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
-def test_tiny_round_trip_forward_and_generate_on_a_real_video(tiny_arch_dir, tiny_world_dir):
-    model = load_model(tiny_arch_dir)
-    processor = load_processor(tiny_arch_dir)
+def expected_video_tokens(config, inputs, n_frames: int) -> list[int]:
+    """Qwen-VL: one token per 2 x 2 merged patches of its grid. LLaVA-OneVision: every frame's patch grid
+    pooled 2 x 2 (rounding up), then one newline token per video."""
+    if "video_grid_thw" in inputs:
+        return (inputs["video_grid_thw"].prod(dim=1) // 4).tolist()
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return [n_frames * math.ceil(side / 2) ** 2 + 1] * len(inputs["input_ids"])
+
+
+def test_tiny_round_trip_forward_and_generate_on_a_real_video(tiny_answering_arch_dir, tiny_world_dir):
+    model = load_model(tiny_answering_arch_dir)
+    processor = load_processor(tiny_answering_arch_dir)
     assert type(model).__name__ == MODEL_CLASSES[model.config.model_type]
     record = json.loads((tiny_world_dir / "test.json").read_text())[0]
     clip = uniform_clip(tiny_world_dir / record["path"])
     inputs = model_inputs(processor, [record["problem"], "Short?"], [clip, clip])
     n_video = (inputs["input_ids"] == model.config.video_token_id).sum(dim=1)
-    grid = inputs["video_grid_thw"]
-    assert n_video.tolist() == (grid.prod(dim=1) // 4).tolist()
+    assert n_video.tolist() == expected_video_tokens(model.config, inputs, len(clip.indices))
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
@@ -86,10 +98,10 @@ def test_fps_metadata_spreads_temporal_positions(tiny_model_dir, tiny_world_dir)
     assert inputs["second_per_grid_ts"][0].item() == pytest.approx(expected_seconds_per_group)
 
 
-def test_chat_text_places_video_before_question_and_appends_target(tiny_arch_dir):
-    processor = load_processor(tiny_arch_dir)
+def test_chat_text_places_video_before_question_and_appends_target(tiny_answering_arch_dir):
+    processor = load_processor(tiny_answering_arch_dir)
     text = chat_text(processor, "What colour?", target="<think>x</think><answer>A</answer>")
-    assert text.index("<|video_pad|>") < text.index("What colour?")
+    assert text.index(processor.video_token) < text.index("What colour?")
     assert text.endswith("<|im_start|>assistant\n<think>x</think><answer>A</answer><|im_end|>")
 
 
@@ -255,3 +267,35 @@ def test_qwen3_vl_pixel_budget_is_per_frame_whatever_the_frame_count(tiny_qwen3_
         return model_inputs(processor, ["q"], [clip])["video_grid_thw"][0].tolist()
 
     assert grid(4) == [2, 2, 4] and grid(16) == [8, 2, 4]  # 240 x 320 under 4096 px -> 32 x 64 either way
+
+
+def test_llava_onevision_layout_is_pooled_frames_then_one_newline_token_at_a_fixed_frame_size(
+        tiny_llava_onevision_dir):
+    """LLaVA-OneVision (HF layout): `<|im_start|>user <video>...` then the question on its own line; a video of
+    any frame size is resized to the vision tower's 112 x 112 (8 x 8 patches of 14 px, pooled to 4 x 4 = 16
+    tokens per frame) plus one newline token; time reaches the model only through the frames' order."""
+    processor = load_processor(tiny_llava_onevision_dir)
+    fmt = video_format(processor)
+    assert fmt.fixed_frame_size and not fmt.timestamps_as_text and video_max_pixels(processor) == 112 * 112
+    for size in ((56, 56), (240, 320)):
+        clip = Clip(frames=np.zeros((4, *size, 3), dtype=np.uint8), indices=[3, 5, 20, 30],
+                    timestamps=[0.3, 0.5, 2.0, 3.0], fps=10.0, total_frames=40)
+        inputs = model_inputs(processor, ["What?"], [clip])
+        assert inputs["pixel_values_videos"].shape == (1, 4, 3, 112, 112) and "video_grid_thw" not in inputs
+        assert processor.tokenizer.decode(inputs["input_ids"][0]) == \
+            f"<|im_start|>user {'<video>' * (4 * 16 + 1)}\nWhat?<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="frames.max_pixels=0"):
+        load_processor(tiny_llava_onevision_dir, FramesConfig(max_pixels=56 * 56))
+
+
+def test_llava_onevision_answers_an_image_and_a_video_in_one_batch(tiny_llava_onevision_dir):
+    """Video-R1 data mixes images and videos: an image is tiled "anyres" (here a 90 x 200 image picks the
+    112 x 224 tiling: base view + 2 tiles) and shares the batch with a video."""
+    model, processor = load_model(tiny_llava_onevision_dir), load_processor(tiny_llava_onevision_dir)
+    clip = Clip(frames=np.zeros((4, 112, 112, 3), dtype=np.uint8), indices=[0, 1, 2, 3], timestamps=[0, 1, 2, 3],
+                fps=1.0, total_frames=4)
+    inputs = model_inputs(processor, ["q", "r"], [np.zeros((90, 200, 3), dtype=np.uint8), clip])
+    assert inputs["pixel_values"].shape[1] == 3
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
