@@ -50,7 +50,7 @@ class Config:
     max_grad_norm: float = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = False
-    freeze_vision: bool = False  # freeze the vision tower (encoder blocks and merger)
+    freeze_vision: bool = False  # freeze the vision encoder (Qwen-VL: blocks + merger; LLaVA: tower, not projector)
     attn_implementation: str = ""
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the final one
     keep_checkpoints: int = 2
@@ -102,7 +102,7 @@ def main() -> None:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        model.get_encoder("video").requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes, 0, cfg.seed, 0))

@@ -49,7 +49,14 @@ def qwen3_vl_run(tiny_qwen3_vl_dir, tiny_world_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("run", ["single_run", "qwen3_vl_run"])
+@pytest.fixture(scope="module")
+def llava_onevision_run(tiny_llava_onevision_dir, tiny_world_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_llava_onevision")
+    run_eval(eval_args(tiny_llava_onevision_dir, tiny_world_dir / "test.json", out))
+    return out
+
+
+@pytest.mark.parametrize("run", ["single_run", "qwen3_vl_run", "llava_onevision_run"])
 def test_outputs_have_every_sample_once_with_required_fields(run, request, tiny_world_dir):
     single_run = request.getfixturevalue(run)
     records = json.loads((tiny_world_dir / "test.json").read_text())
