@@ -84,7 +84,9 @@ class VideoFormat:
     place time through RoPE alone. Qwen3-VL expands it into one `<t seconds><|vision_start|>pads<|vision_end|>`
     block per temporal patch (t from the video metadata): the template's own wrapper around the pad must
     then go, or the text comes out nested as `<|vision_start|><t seconds><|vision_start|>...` (transformers
-    5.24), which is not the layout those checkpoints were trained on.
+    5.24), which is not the layout those checkpoints were trained on. LLaVA-OneVision resizes every frame to
+    one fixed size (no pixel budget, no grids) and expands `<video>` into frames x pooled patches plus one
+    newline token, with no wrapper and no timestamps: the frames' order is all it knows of time.
     """
 
     timestamps_as_text: bool  # the processor writes its own timestamps and per-frame wrappers
