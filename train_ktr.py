@@ -49,7 +49,7 @@ from common.config import parse_config, require, save_config
 from common.data import Sample, build_prompt, epoch_batches, load_samples
 from common.frames import FramesConfig, load_batch, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
-from common.jsonl import append_jsonl, read_jsonl, write_json
+from common.jsonl import append_jsonl, drop_steps_after, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
 from common.models import generate_exact, load_model, load_processor, model_inputs, model_path_ok, visual_tokens
 from common.report import (
@@ -335,6 +335,9 @@ def main() -> None:
     if resume_from is not None:
         step = load_progress(accelerator, resume_from)["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
+    if accelerator.is_main_process:  # rows a killed run logged after its last checkpoint are logged again
+        for name in ("metrics.jsonl", "tokens.jsonl"):
+            drop_steps_after(out / name, step)
 
     html_records: list[dict] = []  # the last groups' token rows, and their frames keyed by prompt_key
     html_media: dict[str, dict] = {}

@@ -25,7 +25,7 @@ from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
 from common.config import parse_config, require, save_config
 from common.data import build_prompt, build_target, epoch_batches, load_samples
 from common.frames import FramesConfig, load_batch, make_selector
-from common.jsonl import append_jsonl
+from common.jsonl import append_jsonl, drop_steps_after
 from common.launch import configure_deepspeed, make_accelerator
 from common.models import load_model, load_processor, model_inputs, model_path_ok
 from common.report import TRACKERS, start_trackers, tracker_scalars
@@ -117,6 +117,8 @@ def main() -> None:
         progress = load_progress(accelerator, resume_from)
         step, micro = progress["step"], progress["micro"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
+    if accelerator.is_main_process:  # rows a killed run logged after its last checkpoint are logged again
+        drop_steps_after(out / "metrics.jsonl", step)
 
     skipped_path = out / "skipped.jsonl"
     bar = tqdm(total=total_steps, initial=step, desc="sft", unit="step", disable=not accelerator.is_main_process)

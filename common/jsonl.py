@@ -70,3 +70,18 @@ def merge_shards(out: Path, name: str, order: list[str]) -> list[dict]:
     for path in shards:
         path.unlink()
     return rows
+
+
+def drop_steps_after(path: str | Path, step: int) -> None:
+    """Keep only the rows logged at or before `step`. A training run killed between two checkpoints
+    resumes at the last one and logs the steps after it again; without this its log holds them twice.
+    A fresh run (step 0) starts its log over. The file is replaced whole, so an interruption here
+    leaves either the old or the new log."""
+    path = Path(path)
+    rows = read_jsonl(path, repair=True)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)

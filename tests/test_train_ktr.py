@@ -4,6 +4,7 @@ uninterrupted run, multi-process replicas stay identical, bad config stops befor
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -76,8 +77,13 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(full_run, answer
     args = ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "save_every=2")
     run([*args, "stop_after=3"])
     assert not (out / "final").exists() and (out / "checkpoints" / "step_000003" / "progress.json").exists()
+    shutil.rmtree(out / "checkpoints" / "step_000003")  # as if killed after step 3 was logged, before its checkpoint
     proc = run(args)
     assert "resumed from" in proc.stdout + proc.stderr
+    steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert steps == [m["step"] for m in read_jsonl(full_run / "metrics.jsonl")] == list(range(1, len(steps) + 1))
+    token_steps = [[r["step"] for r in read_jsonl(d / "tokens.jsonl")] for d in (out, full_run)]
+    assert token_steps[0] == token_steps[1]
     ours, reference = weights(out), weights(full_run)
     assert ours.keys() == reference.keys()
     for name in reference:

@@ -1,5 +1,6 @@
 """train_sft.py: loss only on the assistant answer, checkpoints eval.py can load, exact resume."""
 
+import shutil
 import subprocess
 import sys
 
@@ -50,7 +51,10 @@ def test_resumed_run_ends_with_the_same_weights_and_checkpoints_load(tiny_model_
     sft([*base, f"output_dir={tmp_path / 'full'}"])
     sft([*base, f"output_dir={tmp_path / 'resumed'}", "stop_after=3"])
     assert not (tmp_path / "resumed" / "final").exists()
+    # as if killed after step 3 was logged but before its checkpoint: it resumes at step 2, logs step 3 again
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_000003")
     proc = sft([*base, f"output_dir={tmp_path / 'resumed'}"])
+    assert [m["step"] for m in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert "resumed from" in proc.stdout + proc.stderr
     full = load_file(tmp_path / "full" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
@@ -65,7 +69,6 @@ def test_resumed_run_ends_with_the_same_weights_and_checkpoints_load(tiny_model_
 
 def test_broken_video_is_recorded_and_skipped_or_stops_the_run(tiny_model_dir, tiny_world_dir, tmp_path):
     import json
-    import shutil
 
     data = tmp_path / "data"
     shutil.copytree(tiny_world_dir, data)
