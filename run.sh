@@ -3,6 +3,8 @@
 #
 #   bash run.sh          the whole pipeline on the tiny default (CPU, minutes)
 #   RL_SEEDS=3 bash run.sh   the same with GRPO and KTR trained and evaluated over 3 seeds
+#   ARCH=qwen3_vl bash run.sh  the same on another family's tiny model (qwen2_5_vl default, qwen3_vl,
+#                        llava_onevision) -> outputs/tiny_$ARCH; VOYAGER=DIR picks frames with another run's scorer
 #   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
 #   bash run.sh test     lint + the test suite
 #   bash run.sh paper [--dry-run]   the paper-scale recipe on GPUs (paths: configs/paper/paths.env)
@@ -46,13 +48,17 @@ case $MODE in
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
     # The paper's data shape: SFT with reasoning on the first N_SFT training videos, RL with answers only on
     # the rest (README, "Why RL lowers accuracy on the tiny default").
-    OUT=${OUT:-outputs/tiny} N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-750}
+    ARCH=${ARCH:-qwen2_5_vl}
+    [ $ARCH = qwen2_5_vl ] && OUT=${OUT:-outputs/tiny} || OUT=${OUT:-outputs/tiny_$ARCH}
+    # 4 visual tokens per frame in every family: 2 x 2 merged patches of 28 px (32 px for Qwen3-VL's 16-px patches)
+    [ $ARCH = qwen3_vl ] && PIXELS=4096 || PIXELS=3136
+    N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-750}
     N_SFT=${N_SFT:-$((N_TRAIN / 4))} N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-150} RL_BATCH=${RL_BATCH:-16}
     [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
-    DATA=$OUT/data SFT=$OUT/sft/final
+    DATA=$OUT/data SFT=$OUT/sft/final VOYAGER=${VOYAGER:-$OUT/voyager}
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
-    stage model   $OUT/model/config.json      python -m common.models build-tiny --out $OUT/model --max-pixels 3136 --seed 0
+    stage model   $OUT/model/config.json      python -m common.models build-tiny --arch $ARCH --out $OUT/model --max-pixels $PIXELS --seed 0
     stage split   $DATA/rl.json               python -m common.data split $DATA/train.json $N_SFT $DATA/sft.json $DATA/rl.json
     stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
       model=$OUT/model data=$DATA/sft.json output_dir=$OUT/sft max_steps=$SFT_STEPS
@@ -90,11 +96,11 @@ case $MODE in
     # frame selection: the SFT model's 8 frames picked from M = 16 (or 32) uniform candidates; uniform = eval_sft
     for m in 16 32; do for s in retrieval aks dpp voyager; do
       stage eval_${s}_m$m $OUT/eval/sft_${s}_m$m/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_${s}_m$m \
-        frames.strategy=$s frames.candidates=$m frames.voyager=$OUT/voyager
+        frames.strategy=$s frames.candidates=$m frames.voyager=$VOYAGER
     done; done
     python -m common.results --out $OUT
     ;;
-  paper)  # Qwen2.5-VL-7B: CoT SFT -> GRPO / KTR (ZeRO-3, 8 GPUs) -> label -> Voyager -> benchmarks
+  paper)  # Qwen2.5-VL-7B (or Qwen3-VL-8B): CoT SFT -> GRPO / KTR (ZeRO-3, 8 GPUs) -> label -> Voyager -> benchmarks
     source configs/paper/paths.env
     missing=0
     for var in BASE_MODEL SFT_DATA RL_DATA LABEL_DATA BENCH_DIR; do
@@ -105,7 +111,10 @@ case $MODE in
     done
     [ "${2:-}" = "--dry-run" ] && RUN=echo || RUN=
     [ $missing = 0 ] || [ -n "$RUN" ] || exit 1
-    [ -n "$RUN" ] && python -m common.models plan-7b --gpus 8  # sizes and memory per GPU, no weights needed
+    if [ -n "$RUN" ]; then  # sizes and memory per GPU from BASE_MODEL's config.json (or PAPER_ARCH's), no weights
+      [ -e "$BASE_MODEL/config.json" ] && plan="--model $BASE_MODEL" || plan="--arch $PAPER_ARCH"
+      python -m common.models plan $plan --gpus 8
+    fi
     OUT=outputs/paper
     LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
     # Every stage names its inputs and output_dir here, so a done-marker is always where the stage writes.

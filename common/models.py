@@ -614,8 +614,9 @@ def _tiny_llava_onevision(spec: TinySpec, text: dict, ids: dict, tokenizer):
     return model, processor
 
 
-# Published architecture of Qwen2.5-VL-7B (its config.json), for planning runs without the weights.
+# Published architectures (their config.json, in transformers 5's keys), for planning runs without the weights.
 QWEN2_5_VL_7B = dict(
+    model_type="qwen2_5_vl",
     text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
@@ -625,14 +626,33 @@ QWEN2_5_VL_7B = dict(
                        fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
     image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
 )
+QWEN3_VL_8B = dict(
+    model_type="qwen3_vl",
+    text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                     rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                         "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                     bos_token_id=151643, eos_token_id=151645),
+    vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False,
+)
+PLANS = {"qwen2_5_vl": ("Qwen2.5-VL-7B", QWEN2_5_VL_7B), "qwen3_vl": ("Qwen3-VL-8B", QWEN3_VL_8B)}
 
 
-def meta_model(arch: dict = QWEN2_5_VL_7B):
-    """The architecture on the meta device: shapes and parameter counts, no memory, no weights."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def meta_model(arch: dict | str | Path = QWEN2_5_VL_7B):
+    """An architecture on the meta device: shapes and parameter counts, no memory, no weights. `arch` is a
+    config dict with its model_type (QWEN2_5_VL_7B, QWEN3_VL_8B) or a checkpoint directory (its config.json)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
+    if isinstance(arch, dict):
+        config = AutoConfig.for_model(**arch)
+    else:
+        config = AutoConfig.from_pretrained(arch)
     with torch.device("meta"):
-        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**arch))
+        return AutoModelForImageTextToText.from_config(config)
 
 
 def zero3_memory_gib(n_params: int, n_trainable: int, gpus: int, with_reference: bool) -> dict[str, float]:
@@ -658,19 +678,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     tiny.add_argument("--out", required=True)
     for name, value in TinySpec().__dict__.items():
         tiny.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    plan = sub.add_parser("plan-7b", help="Qwen2.5-VL-7B on the meta device: parameters, ids, ZeRO-3 memory per GPU")
+    plan = sub.add_parser("plan", aliases=["plan-7b"],
+                          help="a paper-scale model on the meta device: parameters, ids, ZeRO-3 memory per GPU")
+    which = plan.add_mutually_exclusive_group()
+    which.add_argument("--arch", choices=sorted(PLANS), default="qwen2_5_vl", help="a published architecture")
+    which.add_argument("--model", help="a checkpoint directory: its config.json, no weights read")
     plan.add_argument("--gpus", type=int, default=8)
     plan.add_argument("--freeze-vision", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    if args.command == "plan-7b":
-        model = meta_model()
+    if args.command in ("plan", "plan-7b"):
+        name, arch = (args.model, args.model) if args.model else PLANS[args.arch]
+        model = meta_model(arch)
         n = sum(p.numel() for p in model.parameters())
-        trainable = n - (sum(p.numel() for p in model.model.visual.parameters()) if args.freeze_vision else 0)
+        trainable = n - (sum(p.numel() for p in model.get_encoder("video").parameters()) if args.freeze_vision else 0)
         ids = visual_tokens(model.config)
-        print(f"Qwen2.5-VL-7B: {n / 1e9:.2f}B parameters ({trainable / 1e9:.2f}B trained), "
-              f"{len(model.model.language_model.layers)} language layers; video token {ids.video}, image {ids.image}")
-        for name, value in zero3_memory_gib(n, trainable, args.gpus, with_reference=True).items():
-            print(f"  {name:<50}{value:6.1f} GiB per GPU ({args.gpus} GPUs)")
+        print(f"{name}: {n / 1e9:.2f}B parameters ({trainable / 1e9:.2f}B trained), "
+              f"{model.config.get_text_config().num_hidden_layers} language layers; "
+              f"video token {ids.video}, image {ids.image}")
+        for key, value in zero3_memory_gib(n, trainable, args.gpus, with_reference=True).items():
+            print(f"  {key:<50}{value:6.1f} GiB per GPU ({args.gpus} GPUs)")
         return
     spec = TinySpec(**{k: getattr(args, k) for k in TinySpec().__dict__})
     out = build_tiny(args.out, spec)

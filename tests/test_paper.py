@@ -14,7 +14,7 @@ from common.config import load_config
 from common.data import epoch_batches
 from common.jsonl import read_jsonl
 from common.launch import cpu_launch_env, launch_command
-from common.models import QWEN2_5_VL_7B, load_model, meta_model, visual_tokens, zero3_memory_gib
+from common.models import QWEN2_5_VL_7B, QWEN3_VL_8B, load_model, meta_model, visual_tokens, zero3_memory_gib
 from tests.conftest import ROOT
 
 
@@ -36,6 +36,28 @@ def test_voyager_backbone_layers_and_attribution_modules_are_reachable(model_7b)
     assert len(layers) == 28 and layers[3].self_attn.q_proj.in_features == 3584
     assert model_7b.get_output_embeddings().weight.shape == (152064, 3584)
     assert model_7b.model.visual.merger is not None
+
+
+def test_qwen3_vl_8b_on_meta_device_has_the_published_size_ids_and_deepstack():
+    model = meta_model(QWEN3_VL_8B)
+    n = sum(p.numel() for p in model.parameters())
+    assert 8.70e9 < n < 8.80e9  # Qwen3-VL-8B: 8.77B
+    ids = visual_tokens(model.config)
+    assert (ids.video, ids.image, ids.vision_start, ids.vision_end) == (151656, 151655, 151652, 151653)
+    assert len(model.model.language_model.layers) == 36 and model.get_output_embeddings().weight.shape == (151936, 4096)
+    assert len(model.model.visual.deepstack_merger_list) == 3  # features of vision layers 8, 16, 24
+    assert model.config.text_config.rope_parameters["mrope_interleaved"]
+
+
+def test_plan_reads_a_checkpoint_config_or_a_published_arch(tiny_qwen3_vl_dir, capsys):
+    from common.models import main
+
+    main(["plan", "--model", str(tiny_qwen3_vl_dir), "--gpus", "2"])
+    out = capsys.readouterr().out
+    tiny = sum(p.numel() for p in load_model(tiny_qwen3_vl_dir).parameters())
+    assert f"{tiny / 1e9:.2f}B parameters" in out and "GiB per GPU (2 GPUs)" in out
+    main(["plan-7b", "--arch", "qwen3_vl"])
+    assert "Qwen3-VL-8B: 8.77B parameters" in capsys.readouterr().out
 
 
 def test_zero3_memory_estimate_fits_an_80gb_gpu(model_7b):
@@ -67,6 +89,9 @@ def test_run_sh_paper_dry_run_names_missing_paths_and_plans(tmp_path):
     assert f"missing: BASE_MODEL={tmp_path / 'nope'}" in proc.stderr
     assert "8.29B parameters" in proc.stdout and "GiB per GPU" in proc.stdout
     assert "train_ktr.py --config configs/ktr.yaml" in proc.stdout
+    proc = subprocess.run(["bash", "run.sh", "paper", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/bin:/bin", "PAPER_ARCH": "qwen3_vl", "HOME": str(tmp_path)})
+    assert proc.returncode == 0 and "Qwen3-VL-8B: 8.77B parameters" in proc.stdout, proc.stderr[-2000:]
     proc = subprocess.run(["bash", "run.sh", "paper"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert proc.returncode == 1 and "missing: RL_DATA=" in proc.stderr

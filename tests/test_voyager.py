@@ -171,6 +171,25 @@ def test_eval_selects_frames_with_voyager_and_retrieval(trained, tiny_model_dir,
         assert len(frames) == 3 and frames == sorted(frames) and set(frames) <= set(candidates[row["problem_id"]])
 
 
+def test_a_scorer_picks_frames_for_another_familys_model(trained, tiny_llava_onevision_dir, tiny_world_dir):
+    """Plug and play: the Qwen-trained scorer runs its own backbone; the LLaVA-OneVision model answers on the
+    frames it chose, exactly those the scorer picks on its own, as a normal clip."""
+    from common.voyager import VoyagerSelector
+
+    out = trained / "eval_cross_model"
+    run("eval.py", [f"model={tiny_llava_onevision_dir}", f"data={tiny_world_dir / 'test.json'}", f"output_dir={out}",
+                    "frames.strategy=voyager", f"frames.voyager={trained / 'voyager'}", "frames.candidates=12",
+                    "frames.num=3", "batch_size=4", "max_new_tokens=8", "limit=4"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 4 and summary["n_failed"] == 0
+    select = VoyagerSelector(str(trained / "voyager"), candidates=12, num=3)  # no answering model: its backbone
+    samples = {s.problem_id: s for s in load_samples(tiny_world_dir / "test.json")}
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == 4
+    for row in rows:
+        assert row["frame_indices"] == select(samples[row["problem_id"]]).indices
+
+
 def test_retrieval_with_a_clip_model_keeps_the_most_similar_frames(tiny_world_dir, tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
