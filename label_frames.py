@@ -28,14 +28,16 @@ combination; the losses agree within 1e-4):
   patches; fewer when combinations are sampled). We did not feed each frame as its own patch
   ([f, f]): it would make features per frame (M patches instead of up to C(M, 2)) but double the
   visual tokens in every LLM forward, which is where the time goes for real models, and label
-  frames in a layout the answering model never sees;
-- where time is carried by RoPE alone (Qwen2-VL, Qwen2.5-VL), every combination of a sample has the
-  same token sequence and the same 3-D RoPE positions (same T, same frame size; the processor spaces
-  temporal positions by the number of sampled frames, not by which ones), so both are computed once
-  and the batch differs only in the visual features scattered at the video placeholders; where the
-  processor writes timestamps as text (Qwen3-VL's `<t seconds>`), each combination has its own
-  tokens, so the processor lays out each batch's sequences (left-padded) and only the vision features
-  are shared;
+  frames in a layout the answering model never sees. Where the tower encodes every frame alone
+  (LLaVA-OneVision: `VideoFormat.frames_per_patch` = 1) a patch is one frame, so at most M are encoded;
+  the learned newline it puts after every video's frames is the same for all and is kept once;
+- where time is carried by RoPE alone (Qwen2-VL, Qwen2.5-VL) or by the frames' order alone
+  (LLaVA-OneVision, 1-D positions), every combination of a sample has the same token sequence and the
+  same RoPE positions (same T, same frame size; the processor spaces temporal positions by the number
+  of sampled frames, not by which ones), so both are computed once and the batch differs only in the
+  visual features scattered at the video placeholders; where the processor writes timestamps as text
+  (Qwen3-VL's `<t seconds>`), each combination has its own tokens, so the processor lays out each
+  batch's sequences (left-padded) and only the vision features are shared;
 - a model's DeepStack features (Qwen3-VL) are cached with the main features of each temporal patch
   and injected into the first language layers as the model's own forward does;
 - combinations run in batches of `batch_size`, and the LM head runs on the answer positions only.

@@ -14,7 +14,9 @@ and sizes its frames is read from the processor itself (`video_format`), never f
 LLaVA-style processor resizes every frame to one fixed size and expands `<video>` alone, with no grids.
 Stages that cache, share or permute visual features outside the model's forward get them from
 `encode_visual` with the DeepStack levels the encoder returns (Qwen3-VL), and feed them back with
-`embed_visual` (and `add_deepstack` when running decoder layers by hand), as the model's forward does.
+`embed_visual` (and `add_deepstack` when running decoder layers by hand), at the positions `position_ids`
+gives, as the model's forward does; `visual_layout(model)` says how positions are numbered (3-D M-RoPE or
+1-D) and which visual features belong to no frame (LLaVA's newline after a video).
 `build-tiny --arch qwen3_vl` builds the tiny Qwen3-VL, `--arch llava_onevision` a tiny LLaVA-OneVision
 (SigLIP + Qwen2, 1-D positions, every frame its own image pooled 2 x 2, one newline token per video).
 """

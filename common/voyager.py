@@ -3,8 +3,9 @@
 The backbone is a Video-LLM's vision tower plus its bottom N language layers, run once over
 [all M candidate frames + the query text]. Each candidate goes in as its own temporal patch (the
 frame twice, [f, f]): Qwen2.5-VL otherwise fuses two consecutive frames into one patch and the
-features of a patch could not be credited to either frame. The frame's visual tokens (h*w/4 of
-them) and the query tokens (the text after the video) are read at layer N; two small trainable heads
+features of a patch could not be credited to either frame (LLaVA-OneVision encodes every frame alone:
+each goes in once). The frame's visual tokens (h*w/4 of them; LLaVA's pooled patches, not the newline
+after the video) and the query tokens (the text after the video) are read at layer N; two small trainable heads
 project them, a frame's reward is the mean (or best) scaled dot product of its tokens with the mean
 projected query, and a combination's score is the mean reward of its frames. Trained with a
 pairwise ranking loss on combinations labeled by label_frames.py (train_voyager.py); used by eval.py
