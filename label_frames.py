@@ -28,14 +28,16 @@ combination; the losses agree within 1e-4):
   patches; fewer when combinations are sampled). We did not feed each frame as its own patch
   ([f, f]): it would make features per frame (M patches instead of up to C(M, 2)) but double the
   visual tokens in every LLM forward, which is where the time goes for real models, and label
-  frames in a layout the answering model never sees;
-- where time is carried by RoPE alone (Qwen2-VL, Qwen2.5-VL), every combination of a sample has the
-  same token sequence and the same 3-D RoPE positions (same T, same frame size; the processor spaces
-  temporal positions by the number of sampled frames, not by which ones), so both are computed once
-  and the batch differs only in the visual features scattered at the video placeholders; where the
-  processor writes timestamps as text (Qwen3-VL's `<t seconds>`), each combination has its own
-  tokens, so the processor lays out each batch's sequences (left-padded) and only the vision features
-  are shared;
+  frames in a layout the answering model never sees. Where the tower encodes every frame alone
+  (LLaVA-OneVision: `VideoFormat.frames_per_patch` = 1) a patch is one frame, so at most M are encoded;
+  the learned newline it puts after every video's frames is the same for all and is kept once;
+- where time is carried by RoPE alone (Qwen2-VL, Qwen2.5-VL) or by the frames' order alone
+  (LLaVA-OneVision, 1-D positions), every combination of a sample has the same token sequence and the
+  same RoPE positions (same T, same frame size; the processor spaces temporal positions by the number
+  of sampled frames, not by which ones), so both are computed once and the batch differs only in the
+  visual features scattered at the video placeholders; where the processor writes timestamps as text
+  (Qwen3-VL's `<t seconds>`), each combination has its own tokens, so the processor lays out each
+  batch's sequences (left-padded) and only the vision features are shared;
 - a model's DeepStack features (Qwen3-VL) are cached with the main features of each temporal patch
   and injected into the first language layers as the model's own forward does;
 - combinations run in batches of `batch_size`, and the LM head runs on the answer positions only.
@@ -71,8 +73,10 @@ from common.models import (
     load_processor,
     model_inputs,
     model_path_ok,
+    position_ids,
     video_format,
     video_max_pixels,
+    visual_layout,
 )
 from common.video import Clip, VideoError, probe, read_frames
 from common.voyager import subclip
@@ -220,9 +224,10 @@ class CombinationLabeler:
     def __init__(self, model, processor, clip: Clip, prompt: str, target: str, num_frames: int):
         self.model, self.processor = model, processor
         self.clip, self.prompt, self.target = clip, prompt, target
-        vp = processor.video_processor
-        self.tp, self.t = vp.temporal_patch_size, num_frames
-        self.frame_patches = self._frame_patches(clip)  # (M, h*w, C, patch*patch): per candidate frame
+        self.tp, self.t = video_format(processor).frames_per_patch, num_frames
+        self.video_end_tokens = visual_layout(model).video_end_tokens
+        self.video_end: torch.Tensor | None = None  # the features after each video's frames (LLaVA's newline)
+        self.frame_patches = self._frame_patches(clip)  # per candidate frame: (M, h*w, C, patch*patch) or (M, C, H, W)
         self.n_target = target_length(processor, prompt, target)
         self.shared_tokens = None
         if not video_format(processor).timestamps_as_text:  # one sequence for all: build it from any combination
@@ -234,25 +239,26 @@ class CombinationLabeler:
         if self.shared_tokens is not None:
             ids, mask, positions = self.shared_tokens
             b = len(combos)
-            return ids.expand(b, -1), mask.expand(b, -1), positions.expand(-1, b, -1)
+            return ids.expand(b, -1), mask.expand(b, -1), positions.expand(*positions.shape[:-2], b, -1)
         clips = [subclip(self.clip, c) for c in combos]
         inputs = model_inputs(self.processor, [self.prompt] * len(clips), clips,
                               targets=[self.target] * len(clips)).to(self.model.device)
-        positions, _ = self.model.model.get_rope_index(
-            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
-            second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
-        return inputs["input_ids"], inputs["attention_mask"], positions
+        return inputs["input_ids"], inputs["attention_mask"], position_ids(self.model, inputs)
 
     def _frame_patches(self, clip: Clip) -> torch.Tensor:
         """Resize/normalise/patchify the candidates once and split the result back into single frames.
 
         Frames go through the video processor in videos of T frames (the candidates, padded cyclically
-        to a multiple of T), so any frame-count-dependent resizing matches a T-frame combination.
+        to a multiple of T), so any frame-count-dependent resizing matches a T-frame combination. Without
+        grids (LLaVA-OneVision) the processor's output is already (videos, frames, C, H, W).
         """
         m, t, tp = len(clip.indices), self.t, self.tp
         order = list(range(m)) + list(range(-m % t))
         videos = [clip.frames[order[i: i + t]] for i in range(0, len(order), t)]
         out = self.processor.video_processor(videos=videos, do_sample_frames=False, return_tensors="pt")
+        if "video_grid_thw" not in out:
+            self.grid_hw = None
+            return out["pixel_values_videos"].flatten(0, 1)[:m]
         grid_t, grid_h, grid_w = out["video_grid_thw"][0].tolist()
         pixels = out["pixel_values_videos"]
         ps2 = self.processor.video_processor.patch_size ** 2
@@ -270,15 +276,27 @@ class CombinationLabeler:
         return [g + (g[-1],) * (self.tp - len(g)) for g in groups]
 
     def _encode(self, patches: list[tuple[int, ...]]) -> None:
-        """Vision features of temporal patches not yet cached, in one tower call."""
+        """Vision features of temporal patches not yet cached, in one tower call. Without grids each patch
+        goes in as a video of its own; the features its video ends with (LLaVA's newline, the same for
+        every video) are kept once, apart from the patch's."""
         todo = [p for p in dict.fromkeys(patches) if p not in self.patch_cache]
         if not todo:
             return
+        pixels = self.frame_patches[torch.tensor(todo)].to(self.model.device)
+        if self.grid_hw is None:  # (P, tp, C, H, W): P videos of one patch each
+            features = encode_visual(self.model, pixels, None)
+            n = self.video_end_tokens
+            self.video_end = features[0][len(features[0]) - n:]
+            self.patch_cache.update((p, f[: len(f) - n]) for p, f in zip(todo, features, strict=True))
+            return
         h, w = self.grid_hw
-        rows = self.frame_patches[torch.tensor(todo)]  # (P, tp, h*w, C, ps2) -> the processor's row layout
-        rows = rows.permute(0, 2, 3, 1, 4).reshape(len(todo) * h * w, -1).to(self.model.device)
+        rows = pixels.permute(0, 2, 3, 1, 4).reshape(len(todo) * h * w, -1)  # (P, tp, h*w, C, ps2) -> processor rows
         grid = torch.tensor([[1, h, w]] * len(todo), device=self.model.device)
         self.patch_cache.update(zip(todo, encode_visual(self.model, rows, grid), strict=True))
+
+    def _video_features(self, patches: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        """What a combination's video placeholders take: its temporal patches' features, then the video's end."""
+        return [self.patch_cache[p] for p in patches] + ([] if self.video_end is None else [self.video_end])
 
     @torch.no_grad()
     def losses(self, combos: Sequence[tuple[int, ...]], batch_size: int) -> list[float]:
@@ -289,7 +307,7 @@ class CombinationLabeler:
         out = []
         for i in range(0, len(combos), batch_size):
             ids, mask, positions = self._token_inputs(combos[i: i + batch_size])
-            visual = torch.cat([self.patch_cache[p] for ps in patches[i: i + batch_size] for p in ps])
+            visual = torch.cat([f for ps in patches[i: i + batch_size] for f in self._video_features(ps)])
             embeds, deepstack = embed_visual(self.model.get_input_embeddings()(ids),
                                              ids == self.model.config.video_token_id, visual)
             hidden = lm(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, **deepstack)

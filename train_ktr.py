@@ -41,6 +41,7 @@ from common.attribution import (
     permute_frame_pixels,
     permute_temporal_patches,
     policy_logps,
+    require_supported,
     temporal_permutation,
     visual_features,
 )
@@ -307,6 +308,7 @@ def main() -> None:
     resume_from = latest_checkpoint(out) if cfg.resume else None
 
     model = load_model(resume_from or cfg.model, attn_implementation=cfg.attn_implementation or None)
+    require_supported(model)  # before any work: the family's layout must be one the passes handle
     processor = load_processor(cfg.model, cfg.frames)
     tokenizer = processor.tokenizer
     eos_ids = sorted({tokenizer.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or []).tolist()})

@@ -31,10 +31,10 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from common.config import parse_config, require, save_config
-from common.frames import FramesConfig, require_pixel_budget
+from common.frames import require_pixel_budget
 from common.jsonl import append_jsonl, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
-from common.models import load_model, load_processor, model_path_ok, video_max_pixels
+from common.models import apply_pixel_budget, load_model, load_processor, model_path_ok, video_max_pixels
 from common.report import TRACKERS, start_trackers, tracker_scalars
 from common.video import VideoError, read_frames, uniform_indices
 from common.voyager import (
@@ -182,7 +182,11 @@ def main() -> None:
     # Features, each process for its round-robin shard.
     model = load_model(backbone, cfg.dtype, device=accelerator.device).eval()
     # Features at the labels' resolution unless told otherwise (older labels carry no budget: saved default).
-    processor = load_processor(backbone, FramesConfig(max_pixels=cfg.max_pixels or rows[0].get("max_pixels", 0)))
+    # A processor that already works at that budget is left as it is (LLaVA-OneVision's fixed frame size).
+    processor = load_processor(backbone)
+    budget = cfg.max_pixels or rows[0].get("max_pixels", 0)
+    if budget and budget != video_max_pixels(processor):
+        apply_pixel_budget(processor, budget)
     show = accelerator.is_local_main_process
     start = time.time()
     train, skipped = extract(model, processor, train_rows[rank::world], cfg.layers, "features (train)", show)

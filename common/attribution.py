@@ -18,7 +18,8 @@ What makes it cheap (each gives the same numbers as the straightforward way; tes
   reuse their KV cache for the G completions each;
 - log-probs come from hidden states in chunks (`token_logps_and_entropy`), never as a
   (N x L x vocabulary) float32 tensor.
-Supported: the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), whose processors give mm_token_type_ids.
+Supported: the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), whose processors give mm_token_type_ids
+and grids and whose models index positions in 3-D; `require_supported` names what another model lacks.
 
 Under ZeRO-3 every call of a sharded module is a collective, so every rank must make the same
 sequence of calls whatever its batch holds. Each pass here makes a fixed number of calls: one
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from common.grpo import token_logps_and_entropy
-from common.models import embed_visual, encode_visual, visual_tokens
+from common.models import embed_visual, encode_visual, visual_layout, visual_tokens
 
 TEMPORAL_MODES = ("shuffle", "reverse", "segment_shuffle", "frame_shuffle")
 
@@ -78,6 +79,16 @@ def completion_mask_from(completion_ids: torch.Tensor, eos_token_ids: list[int])
     return ~after_eos
 
 
+def require_supported(model) -> None:
+    """Raise, naming the property, for a model these passes do not handle yet: one without Qwen-VL's
+    grid layout and M-RoPE index (LLaVA-OneVision: 1-D positions, frames as a (frames, C, H, W) tensor with no
+    video_grid_thw, images tiled "anyres" by a path of their own, so no one tower call for a mixed batch)."""
+    if not visual_layout(model).mrope:
+        raise ValueError(f"train_ktr.py (rollout log-probs and attribution) needs a model with video_grid_thw "
+                         f"grids and an M-RoPE position index; {type(model).__name__} has neither "
+                         "(visual_layout(model).mrope is False: 1-D positions). Not supported yet for this family.")
+
+
 def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, group_size: int,
                   eos_token_ids: list[int], temperature: float = 1.0, pad_to: int | None = None,
                   pad_token_id: int = 0) -> Rollout:
@@ -85,6 +96,7 @@ def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, grou
 
     `pad_to` right-pads the completions to that length with invalid `pad_token_id` tokens (e.g. the
     longest completion over all ranks, so that every rank runs the same number of chunks)."""
+    require_supported(model)
     repeat = lambda t: t.repeat_interleave(group_size, dim=0)  # noqa: E731
     completion_mask = completion_mask_from(completion_ids, eos_token_ids)
     extra = (pad_to or 0) - completion_ids.shape[1]

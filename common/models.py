@@ -14,7 +14,9 @@ and sizes its frames is read from the processor itself (`video_format`), never f
 LLaVA-style processor resizes every frame to one fixed size and expands `<video>` alone, with no grids.
 Stages that cache, share or permute visual features outside the model's forward get them from
 `encode_visual` with the DeepStack levels the encoder returns (Qwen3-VL), and feed them back with
-`embed_visual` (and `add_deepstack` when running decoder layers by hand), as the model's forward does.
+`embed_visual` (and `add_deepstack` when running decoder layers by hand), at the positions `position_ids`
+gives, as the model's forward does; `visual_layout(model)` says how positions are numbered (3-D M-RoPE or
+1-D) and which visual features belong to no frame (LLaVA's newline after a video).
 `build-tiny --arch qwen3_vl` builds the tiny Qwen3-VL, `--arch llava_onevision` a tiny LLaVA-OneVision
 (SigLIP + Qwen2, 1-D positions, every frame its own image pooled 2 x 2, one newline token per video).
 """
@@ -94,6 +96,9 @@ class VideoFormat:
     video_token: str
     size_per_video: bool  # size["longest_edge"] caps t * h * w (Qwen3-VL), not h * w (Qwen2-VL)
     fixed_frame_size: bool = False  # every frame is resized to size["height"] x size["width"] (LLaVA-OneVision)
+    # Frames the processor packs into one temporal patch, which the vision tower encodes together and apart
+    # from the other patches (Qwen-VL: temporal_patch_size, 2); 1 = every frame alone (LLaVA-OneVision).
+    frames_per_patch: int = 1
 
 
 def _frame_factor(video_processor) -> int:
@@ -134,7 +139,7 @@ def video_format(processor) -> VideoFormat:
                    cap_pixels_per_frame=False, return_tensors="pt")["video_grid_thw"][0, 1:].tolist()
              for n in (tp, 2 * tp)]
     fmt = VideoFormat(timestamps_as_text=as_text, template_wrapper=wrapper, video_token=video_token,
-                      size_per_video=grids[0] != grids[1])
+                      size_per_video=grids[0] != grids[1], frames_per_patch=tp)
     _VIDEO_FORMATS[processor] = fmt
     return fmt
 
@@ -332,7 +337,38 @@ def model_inputs(processor, prompts: Sequence[str], visuals: Sequence[Clip | np.
 # Visual features outside the model's own forward (cached, shared or permuted by the stages).
 # ---------------------------------------------------------------------------------------------
 
-def encode_visual(model, pixels: torch.Tensor, grids: torch.Tensor) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class VisualLayout:
+    """How a model places visual features in its sequence, read from the model's modules (never its name).
+
+    Qwen-VL numbers positions in 3-D (M-RoPE: time, height, width) with its own index over the processor's
+    video_grid_thw and token types, and a video's features are its temporal patches' and nothing else.
+    LLaVA-OneVision numbers positions 1-D (0..L-1, what its language model uses when given none), and ends
+    each video's features with one learned newline token (`image_newline`) that no frame produced.
+    """
+
+    mrope: bool  # 3-D positions from the model's `get_rope_index`; else 1-D
+    video_end_tokens: int  # features after each video's frames that belong to no frame (LLaVA: the newline)
+
+
+def visual_layout(model) -> VisualLayout:
+    return VisualLayout(mrope=hasattr(model.model, "get_rope_index"),
+                        video_end_tokens=int(getattr(model.model, "image_newline", None) is not None))
+
+
+def position_ids(model, inputs: Mapping) -> torch.Tensor:
+    """The RoPE positions the model's own forward gives processed `inputs`: (3, B, L) from its M-RoPE index
+    (computed with the full attention mask; ENVIRONMENT.md), or (B, L) 0..L-1 for 1-D RoPE."""
+    ids = inputs["input_ids"]
+    if not visual_layout(model).mrope:
+        return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    positions, _ = model.model.get_rope_index(
+        ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs.get("video_grid_thw"),
+        second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
+    return positions
+
+
+def encode_visual(model, pixels: torch.Tensor, grids: torch.Tensor | None) -> list[torch.Tensor]:
     """The vision tower's features of each item of `grids` (videos and images alike), in one call.
 
     Each item is (tokens, 1 + D, hidden): level 0 replaces the item's placeholder tokens; levels 1..D are
@@ -340,7 +376,12 @@ def encode_visual(model, pixels: torch.Tensor, grids: torch.Tensor) -> list[torc
     which the language model adds to its hidden states at the same positions after each of its first D
     layers. D = 0 when the encoder returns none (Qwen2-VL, Qwen2.5-VL). Keeping the levels in one tensor
     means anything that caches, repeats or permutes visual tokens carries all of them together.
+
+    Without grids (LLaVA-OneVision) `pixels` are videos of equal length, (videos, frames, C, H, W), and each
+    video's features are its frames' tokens in order, then `visual_layout(model).video_end_tokens`.
     """
+    if grids is None:
+        return [video.unsqueeze(1) for video in model.model.get_video_features(pixels).pooler_output]
     out = model.model.get_video_features(pixels, grids)
     deepstack = getattr(out, "deepstack_features", None) or []
     return [torch.stack([main, *(level[i] for level in deepstack)], dim=1) for i, main in enumerate(out.pooler_output)]

@@ -3,8 +3,9 @@
 The backbone is a Video-LLM's vision tower plus its bottom N language layers, run once over
 [all M candidate frames + the query text]. Each candidate goes in as its own temporal patch (the
 frame twice, [f, f]): Qwen2.5-VL otherwise fuses two consecutive frames into one patch and the
-features of a patch could not be credited to either frame. The frame's visual tokens (h*w/4 of
-them) and the query tokens (the text after the video) are read at layer N; two small trainable heads
+features of a patch could not be credited to either frame (LLaVA-OneVision encodes every frame alone:
+each goes in once). The frame's visual tokens (h*w/4 of them; LLaVA's pooled patches, not the newline
+after the video) and the query tokens (the text after the video) are read at layer N; two small trainable heads
 project them, a frame's reward is the mean (or best) scaled dot product of its tokens with the mean
 projected query, and a combination's score is the mean reward of its frames. Trained with a
 pairwise ranking loss on combinations labeled by label_frames.py (train_voyager.py); used by eval.py
@@ -41,7 +42,11 @@ from common.models import (
     encode_visual,
     load_model,
     load_processor,
+    position_ids,
+    video_format,
     video_max_pixels,
+    visual_layout,
+    visual_tokens,
 )
 from common.video import Clip, probe, read_frames
 
@@ -103,8 +108,9 @@ def pick_top_frames(sample, candidates: int, num: int, score: Callable[[Clip, st
 
 def own_patch_inputs(processor, clip: Clip, text: str):
     """Processor inputs for `clip` with every frame as its own temporal patch (each frame repeated
-    temporal_patch_size times); fps metadata = the real frame numbers, so RoPE time stays true."""
-    tp = processor.video_processor.temporal_patch_size
+    temporal_patch_size times; once where the tower encodes every frame alone); fps metadata = the real
+    frame numbers, so RoPE time stays true."""
+    tp = video_format(processor).frames_per_patch
     frames = np.ascontiguousarray(np.repeat(clip.frames, tp, axis=0))
     meta = {"fps": float(clip.fps), "total_num_frames": int(clip.total_frames),
             "frames_indices": [int(i) for i in clip.indices for _ in range(tp)]}
@@ -112,7 +118,7 @@ def own_patch_inputs(processor, clip: Clip, text: str):
                      padding=True, return_tensors="pt")
 
 
-def bottom_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, layers: int,
+def bottom_layers(model, embeds: torch.Tensor, positions: torch.Tensor, layers: int,
                   deepstack: dict | None = None) -> torch.Tensor:
     """Hidden states after the first `layers` decoder layers (one unpadded sequence per row), as the next
     layer would receive them (with the DeepStack levels of `deepstack`, from `embed_visual`, added after
@@ -123,7 +129,7 @@ def bottom_layers(model, embeds: torch.Tensor, position_ids: torch.Tensor, layer
     if not 0 <= layers <= len(lm.layers):
         raise ValueError(f"layers={layers} but the backbone has {len(lm.layers)} language layers")
     mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=None, cache=None)
-    position_embeddings = lm.rotary_emb(embeds, position_ids)
+    position_embeddings = lm.rotary_emb(embeds, positions)
     hidden = embeds
     for index, layer in enumerate(lm.layers[:layers]):
         hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings)
@@ -136,20 +142,22 @@ def backbone_features(model, processor, clip: Clip, query: str, layers: int) -> 
     """(frame features M x P x H, query features Lq x H) at layer `layers` of the frozen backbone.
 
     P = visual tokens per frame. Query tokens = every token after the video (the question, options and
-    the chat template's closing tokens), which see the whole video through causal attention.
+    the chat template's closing tokens; not a closing <|vision_end|>), which see the whole video through
+    causal attention. Features at the video's end that no frame produced (LLaVA's newline) are in neither.
     """
     inputs = own_patch_inputs(processor, clip, chat_text(processor, query)).to(model.device)
     ids = inputs["input_ids"]
     video_mask = ids == model.config.video_token_id
-    visual = torch.cat(encode_visual(model, inputs["pixel_values_videos"], inputs["video_grid_thw"]))
+    visual = torch.cat(encode_visual(model, inputs["pixel_values_videos"], inputs.get("video_grid_thw")))
     embeds, deepstack = embed_visual(model.get_input_embeddings()(ids), video_mask, visual)
-    position_ids, _ = model.model.get_rope_index(
-        ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"],
-        second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
-    hidden = bottom_layers(model, embeds, position_ids, layers, deepstack)[0].float()
+    hidden = bottom_layers(model, embeds, position_ids(model, inputs), layers, deepstack)[0].float()
     video_pos = video_mask[0].nonzero().squeeze(1)
-    frames = hidden[video_pos].view(len(clip.indices), -1, hidden.shape[-1])
-    return frames, hidden[int(video_pos[-1]) + 2:]  # skip <|vision_end|>
+    query_start = int(video_pos[-1]) + 1
+    if ids[0, query_start] == visual_tokens(model.config).vision_end:
+        query_start += 1
+    frame_pos = video_pos[: len(video_pos) - visual_layout(model).video_end_tokens]
+    frames = hidden[frame_pos].view(len(clip.indices), -1, hidden.shape[-1])
+    return frames, hidden[query_start:]
 
 
 def backbone_fingerprint(model) -> dict:
@@ -321,12 +329,14 @@ class RetrievalSelector:
     def embeddings(self, clip: Clip, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(frame embeddings M x D, query embedding 1 x D)."""
         device = self.model.device
-        if self.own:
-            tp = self.processor.video_processor.temporal_patch_size
+        if self.own:  # every frame its own temporal patch, as for the Voyager backbone
+            tp = video_format(self.processor).frames_per_patch
             frames = np.ascontiguousarray(np.repeat(clip.frames, tp, axis=0))
             pixels = self.processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")
-            visual = torch.cat(self.model.get_video_features(pixels["pixel_values_videos"].to(device),
-                                                             pixels["video_grid_thw"].to(device)).pooler_output)
+            grids = pixels.get("video_grid_thw")
+            visual = encode_visual(self.model, pixels["pixel_values_videos"].to(device),
+                                   None if grids is None else grids.to(device))[0][:, 0]
+            visual = visual[: len(visual) - visual_layout(self.model).video_end_tokens]
             image = visual.view(len(clip.indices), -1, visual.shape[-1]).mean(1)
             ids = self.processor.tokenizer(query, return_tensors="pt")["input_ids"].to(device)
             text = self.model.get_input_embeddings()(ids)[0].mean(0, keepdim=True)

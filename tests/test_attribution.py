@@ -27,11 +27,11 @@ G = 3
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_arch_dir, tiny_world_dir):
+def setup(tiny_attribution_arch_dir, tiny_world_dir):
     """Every test here runs once per supported family (Qwen3-VL: timestamps as text, DeepStack)."""
     torch.manual_seed(0)
-    model = load_model(tiny_arch_dir).eval()
-    processor = load_processor(tiny_arch_dir)
+    model = load_model(tiny_attribution_arch_dir).eval()
+    processor = load_processor(tiny_attribution_arch_dir)
     records = json.loads((tiny_world_dir / "train.json").read_text())
     clips = [read_frames(tiny_world_dir / r["path"], num_frames=n) for r, n in zip(records[:2], (8, 6), strict=True)]
     image = np.asarray(read_frames(tiny_world_dir / records[2]["path"], indices=[5]).frames[0])

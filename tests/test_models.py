@@ -29,9 +29,9 @@ def uniform_clip(path, n=8) -> Clip:
     return read_frames(path, num_frames=n)
 
 
-def test_placeholder_ids_come_from_config_and_match_tokenizer(tiny_answering_arch_dir):
-    model = load_model(tiny_answering_arch_dir)
-    processor = load_processor(tiny_answering_arch_dir)
+def test_placeholder_ids_come_from_config_and_match_tokenizer(tiny_arch_dir):
+    model = load_model(tiny_arch_dir)
+    processor = load_processor(tiny_arch_dir)
     ids = visual_tokens(model.config)
     tok = processor.tokenizer
     assert ids.video == tok.convert_tokens_to_ids(processor.video_token)
@@ -62,9 +62,9 @@ def expected_video_tokens(config, inputs, n_frames: int) -> list[int]:
     return [n_frames * math.ceil(side / 2) ** 2 + 1] * len(inputs["input_ids"])
 
 
-def test_tiny_round_trip_forward_and_generate_on_a_real_video(tiny_answering_arch_dir, tiny_world_dir):
-    model = load_model(tiny_answering_arch_dir)
-    processor = load_processor(tiny_answering_arch_dir)
+def test_tiny_round_trip_forward_and_generate_on_a_real_video(tiny_arch_dir, tiny_world_dir):
+    model = load_model(tiny_arch_dir)
+    processor = load_processor(tiny_arch_dir)
     assert type(model).__name__ == MODEL_CLASSES[model.config.model_type]
     record = json.loads((tiny_world_dir / "test.json").read_text())[0]
     clip = uniform_clip(tiny_world_dir / record["path"])
@@ -98,8 +98,8 @@ def test_fps_metadata_spreads_temporal_positions(tiny_model_dir, tiny_world_dir)
     assert inputs["second_per_grid_ts"][0].item() == pytest.approx(expected_seconds_per_group)
 
 
-def test_chat_text_places_video_before_question_and_appends_target(tiny_answering_arch_dir):
-    processor = load_processor(tiny_answering_arch_dir)
+def test_chat_text_places_video_before_question_and_appends_target(tiny_arch_dir):
+    processor = load_processor(tiny_arch_dir)
     text = chat_text(processor, "What colour?", target="<think>x</think><answer>A</answer>")
     assert text.index(processor.video_token) < text.index("What colour?")
     assert text.endswith("<|im_start|>assistant\n<think>x</think><answer>A</answer><|im_end|>")

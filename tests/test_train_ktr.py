@@ -158,6 +158,15 @@ def test_bad_config_values_stop_before_any_work(answering_model_dir, tiny_world_
     assert f"{key}:" in proc.stderr and not out.exists()
 
 
+def test_a_family_without_grids_stops_before_any_work_naming_the_property(tiny_llava_onevision_dir, tiny_world_dir,
+                                                                           tmp_path):
+    """LLaVA-OneVision (1-D positions, no video_grid_thw) is not handled by the rollout passes yet: the stage
+    stops right after loading the model, with a message naming the property, not deep inside a pass."""
+    proc = run(ktr_args(tiny_llava_onevision_dir, tiny_world_dir / "train.json", tmp_path / "llava"), expect=1)
+    assert "train_ktr.py" in proc.stderr and "visual_layout(model).mrope is False" in proc.stderr
+    assert not (tmp_path / "llava" / "metrics.jsonl").exists()
+
+
 def test_variants_run_pixel_removal_segment_shuffle_sequence_scope_token_mean(answering_model_dir, tiny_world_dir,
                                                                                tmp_path):
     out = tmp_path / "variants"

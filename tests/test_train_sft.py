@@ -15,8 +15,8 @@ from tests.conftest import ROOT
 from train_sft import supervised_labels
 
 
-def test_only_the_answer_and_eos_are_supervised(tiny_answering_arch_dir, tiny_world_dir):
-    processor = load_processor(tiny_answering_arch_dir)
+def test_only_the_answer_and_eos_are_supervised(tiny_arch_dir, tiny_world_dir):
+    processor = load_processor(tiny_arch_dir)
     samples = load_samples(tiny_world_dir / "train.json")[:3]
     select = make_selector(FramesConfig(num=4))
     targets = [build_target(s) for s in samples]
@@ -37,8 +37,8 @@ def sft(args):
     return proc
 
 
-def test_a_few_steps_on_one_batch_lower_the_loss(tiny_answering_arch_dir, tiny_world_dir, tmp_path):
-    sft([f"model={tiny_answering_arch_dir}", f"data={tiny_world_dir / 'train.json'}", f"output_dir={tmp_path}",
+def test_a_few_steps_on_one_batch_lower_the_loss(tiny_arch_dir, tiny_world_dir, tmp_path):
+    sft([f"model={tiny_arch_dir}", f"data={tiny_world_dir / 'train.json'}", f"output_dir={tmp_path}",
          "frames.num=4", "batch_size=8", "max_steps=6", "lr=1e-3", "log_every=1"])
     losses = [m["loss"] for m in read_jsonl(tmp_path / "metrics.jsonl")]
     assert len(losses) == 6 and losses[-1] < 0.9 * losses[0], losses  # 8 samples: every step sees the same batch

@@ -13,7 +13,18 @@ import torch
 from common.data import load_samples
 from common.jsonl import read_jsonl
 from common.launch import cpu_launch_env
-from common.models import chat_text, embed_visual, encode_visual, load_model, load_processor
+from common.models import (
+    chat_text,
+    embed_visual,
+    encode_visual,
+    load_model,
+    load_processor,
+    position_ids,
+    video_format,
+    video_max_pixels,
+    visual_layout,
+    visual_tokens,
+)
 from common.video import read_frames
 from common.voyager import (
     VoyagerHeads,
@@ -27,8 +38,9 @@ from common.voyager import (
     ranking_loss,
     save_voyager,
     select_top,
+    subclip,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_ARCH_FIXTURES
 
 
 def softplus(x):
@@ -80,22 +92,23 @@ def test_bottom_layers_and_backbone_features_equal_the_models_own_forward(tiny, 
         model.model.rope_deltas = None
         ids = inputs["input_ids"]
         video_mask = ids == model.config.video_token_id
-        visual = torch.cat(encode_visual(model, inputs["pixel_values_videos"], inputs["video_grid_thw"]))
+        visual = torch.cat(encode_visual(model, inputs["pixel_values_videos"], inputs.get("video_grid_thw")))
         embeds, deepstack = embed_visual(model.get_input_embeddings()(ids), video_mask, visual)
-        positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                                  video_grid_thw=inputs["video_grid_thw"],
-                                                  second_per_grid_ts=inputs.get("second_per_grid_ts"),
-                                                  attention_mask=inputs["attention_mask"])
-        got = lm.norm(bottom_layers(model, embeds, positions, len(lm.layers), deepstack))[0]
+        got = lm.norm(bottom_layers(model, embeds, position_ids(model, inputs), len(lm.layers), deepstack))[0]
         frames, query = backbone_features(model, processor, clip, sample.problem, layers=len(lm.layers))
         assert torch.allclose(got, want, atol=1e-5)
         # backbone_features at the top layer: the model's own hidden states at the frames and the query
-        assert torch.allclose(lm.norm(frames.flatten(0, 1)), want[video_mask[0]], atol=1e-5)
-        last_video = int(video_mask[0].nonzero()[-1])
-        assert torch.allclose(lm.norm(query), want[last_video + 2:], atol=1e-5)
+        video_pos = video_mask[0].nonzero().squeeze(1)
+        frame_pos = video_pos[: len(video_pos) - visual_layout(model).video_end_tokens]  # not LLaVA's newline
+        assert torch.allclose(lm.norm(frames.flatten(0, 1)), want[frame_pos], atol=1e-5)
+        end = visual_tokens(model.config).vision_end
+        query_start = int(video_pos[-1]) + 1 + int(end is not None)  # after <|vision_end|> where there is one
+        assert torch.allclose(lm.norm(query), want[query_start:], atol=1e-5)
+        assert ids[0, query_start - 1] in (model.config.video_token_id, end)
     frames, query = backbone_features(model, processor, clip, sample.problem, layers=1)
-    _, h, w = inputs["video_grid_thw"][0].tolist()
-    assert frames.shape == (6, h * w // 4, model.config.text_config.hidden_size)  # each frame its own patch
+    one_frame = own_patch_inputs(processor, subclip(clip, [0]), chat_text(processor, sample.problem))["input_ids"]
+    per_frame = int((one_frame == model.config.video_token_id).sum()) - visual_layout(model).video_end_tokens
+    assert frames.shape == (6, per_frame, model.config.text_config.hidden_size)  # each frame its own patch
     assert query.shape[0] > 3
 
 
@@ -133,34 +146,42 @@ def run(script, args):
     return proc
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, tiny_world_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "llava_onevision"])
+def trained(request, tiny_world_dir, tmp_path_factory):
+    """label -> train on a family with a pixel budget, labeled below its default 12544 (the Voyager must then
+    apply it at eval), and on one that resizes every frame to a fixed size (LLaVA-OneVision: no budget)."""
+    model_dir = request.getfixturevalue(TINY_ARCH_FIXTURES[request.param])
+    processor = load_processor(model_dir)
+    fixed = video_format(processor).fixed_frame_size
+    budget = video_max_pixels(processor) if fixed else 3136
     out = tmp_path_factory.mktemp("voyager_pipeline")
-    run("label_frames.py", [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}",
+    run("label_frames.py", [f"model={model_dir}", f"data={tiny_world_dir / 'train.json'}",
                             f"output_dir={out / 'labels'}", "candidates=8", "num_frames=2", "max_combinations=12",
-                            "max_pixels=3136"])  # below the tiny processor's 12544: eval must match it
+                            *([] if fixed else [f"max_pixels={budget}"])])
     run("train_voyager.py", [f"labels={out / 'labels' / 'labels.jsonl'}", f"output_dir={out / 'voyager'}",
                              "layers=1", "dim=16", "epochs=2", "batch_size=4", "val_fraction=0.25"])
-    return out
+    return out, model_dir, budget
 
 
-def test_training_writes_heads_spec_and_validation_metrics(trained, tiny_model_dir):
-    spec = json.loads((trained / "voyager" / "voyager.json").read_text())
-    assert spec["backbone"] == str(tiny_model_dir) and spec["layers"] == 1 and spec["num_frames"] == 2
+def test_training_writes_heads_spec_and_validation_metrics(trained):
+    out, model_dir, budget = trained
+    spec = json.loads((out / "voyager" / "voyager.json").read_text())
+    assert spec["backbone"] == str(model_dir) and spec["layers"] == 1 and spec["num_frames"] == 2
     # The scorer's features were computed at the labels' pixel budget, and its selector will apply it.
-    assert spec["max_pixels"] == 3136
-    assert {r["max_pixels"] for r in read_jsonl(trained / "labels" / "labels.jsonl")} == {3136}
-    metrics = read_jsonl(trained / "voyager" / "metrics.jsonl")
+    assert spec["max_pixels"] == budget
+    assert {r["max_pixels"] for r in read_jsonl(out / "labels" / "labels.jsonl")} == {budget}
+    metrics = read_jsonl(out / "voyager" / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
     for key in ("pair_accuracy", "spearman", "evidence_recall_voyager", "evidence_recall_uniform"):
         assert 0.0 <= abs(metrics[-1][key]) <= 1.0
 
 
 @pytest.mark.parametrize("strategy", ["voyager", "retrieval"])
-def test_eval_selects_frames_with_voyager_and_retrieval(trained, tiny_model_dir, tiny_world_dir, strategy):
-    out = trained / f"eval_{strategy}"
-    run("eval.py", [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'test.json'}", f"output_dir={out}",
-                    f"frames.strategy={strategy}", f"frames.voyager={trained / 'voyager'}", "frames.candidates=12",
+def test_eval_selects_frames_with_voyager_and_retrieval(trained, tiny_world_dir, strategy):
+    out, model_dir, _ = trained
+    out = out / f"eval_{strategy}"
+    run("eval.py", [f"model={model_dir}", f"data={tiny_world_dir / 'test.json'}", f"output_dir={out}",
+                    f"frames.strategy={strategy}", f"frames.voyager={out.parent / 'voyager'}", "frames.candidates=12",
                     "frames.num=3", "batch_size=4", "max_new_tokens=8", "limit=4"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 4 and summary["n_failed"] == 0 and "evidence_recall" in summary
