@@ -192,20 +192,23 @@ def test_eval_selects_frames_with_voyager_and_retrieval(trained, tiny_world_dir,
         assert len(frames) == 3 and frames == sorted(frames) and set(frames) <= set(candidates[row["problem_id"]])
 
 
-def test_a_scorer_picks_frames_for_another_familys_model(trained, tiny_llava_onevision_dir, tiny_world_dir):
-    """Plug and play: the Qwen-trained scorer runs its own backbone; the LLaVA-OneVision model answers on the
-    frames it chose, exactly those the scorer picks on its own, as a normal clip."""
+def test_a_scorer_picks_frames_for_another_familys_model(trained, tiny_world_dir, request):
+    """Plug and play: a scorer trained on one family runs its own backbone; a model of the other family (Qwen
+    scorer -> LLaVA-OneVision answers, and the reverse) answers on the frames it chose, exactly those the scorer
+    picks on its own, as a normal clip."""
     from common.voyager import VoyagerSelector
 
-    out = trained / "eval_cross_model"
-    run("eval.py", [f"model={tiny_llava_onevision_dir}", f"data={tiny_world_dir / 'test.json'}", f"output_dir={out}",
-                    "frames.strategy=voyager", f"frames.voyager={trained / 'voyager'}", "frames.candidates=12",
+    out, model_dir, _ = trained
+    other = "tiny_llava_onevision_dir" if model_dir == request.getfixturevalue("tiny_model_dir") else "tiny_model_dir"
+    answering = request.getfixturevalue(other)
+    run("eval.py", [f"model={answering}", f"data={tiny_world_dir / 'test.json'}", f"output_dir={out / 'eval_cross'}",
+                    "frames.strategy=voyager", f"frames.voyager={out / 'voyager'}", "frames.candidates=12",
                     "frames.num=3", "batch_size=4", "max_new_tokens=8", "limit=4"])
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "eval_cross" / "summary.json").read_text())
     assert summary["n"] == 4 and summary["n_failed"] == 0
-    select = VoyagerSelector(str(trained / "voyager"), candidates=12, num=3)  # no answering model: its backbone
+    select = VoyagerSelector(str(out / "voyager"), candidates=12, num=3)  # no answering model: its own backbone
     samples = {s.problem_id: s for s in load_samples(tiny_world_dir / "test.json")}
-    rows = read_jsonl(out / "predictions.jsonl")
+    rows = read_jsonl(out / "eval_cross" / "predictions.jsonl")
     assert len(rows) == 4
     for row in rows:
         assert row["frame_indices"] == select(samples[row["problem_id"]]).indices
