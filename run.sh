@@ -4,7 +4,8 @@
 #   bash run.sh          the whole pipeline on the tiny default (CPU, minutes)
 #   RL_SEEDS=3 bash run.sh   the same with GRPO and KTR trained and evaluated over 3 seeds
 #   ARCH=qwen3_vl bash run.sh  the same on another family's tiny model (qwen2_5_vl default, qwen3_vl,
-#                        llava_onevision) -> outputs/tiny_$ARCH; VOYAGER=DIR picks frames with another run's scorer
+#                        llava_onevision: no GRPO / KTR) -> outputs/tiny_$ARCH
+#   CROSS_VOYAGER=outputs/tiny/voyager ARCH=llava_onevision bash run.sh   adds frames picked by another model's scorer
 #   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
 #   bash run.sh test     lint + the test suite
 #   bash run.sh paper [--dry-run]   the paper-scale recipe on GPUs (paths: configs/paper/paths.env)
@@ -55,7 +56,8 @@ case $MODE in
     N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-750}
     N_SFT=${N_SFT:-$((N_TRAIN / 4))} N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-150} RL_BATCH=${RL_BATCH:-16}
     [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
-    DATA=$OUT/data SFT=$OUT/sft/final VOYAGER=${VOYAGER:-$OUT/voyager}
+    [ $ARCH = llava_onevision ] && RL_SEEDS=0  # train_ktr.py does not run on LLaVA-OneVision yet (README)
+    DATA=$OUT/data SFT=$OUT/sft/final
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
     stage model   $OUT/model/config.json      python -m common.models build-tiny --arch $ARCH --out $OUT/model --max-pixels $PIXELS --seed 0
@@ -94,10 +96,17 @@ case $MODE in
     fi
     stage eval_sft_all $OUT/eval/sft_all/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_all frames.strategy=all
     # frame selection: the SFT model's 8 frames picked from M = 16 (or 32) uniform candidates; uniform = eval_sft
-    for m in 16 32; do for s in retrieval aks dpp voyager; do
-      stage eval_${s}_m$m $OUT/eval/sft_${s}_m$m/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_${s}_m$m \
-        frames.strategy=$s frames.candidates=$m frames.voyager=$VOYAGER
-    done; done
+    for m in 16 32; do
+      for s in retrieval aks dpp voyager; do
+        stage eval_${s}_m$m $OUT/eval/sft_${s}_m$m/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_${s}_m$m \
+          frames.strategy=$s frames.candidates=$m frames.voyager=$OUT/voyager
+      done
+      if [ -n "${CROSS_VOYAGER:-}" ]; then  # plug and play: a scorer trained on another run's model, its own backbone
+        stage eval_voyager_cross_m$m $OUT/eval/sft_voyager_cross_m$m/summary.json $EVAL model=$SFT \
+          output_dir=$OUT/eval/sft_voyager_cross_m$m frames.strategy=voyager frames.candidates=$m \
+          frames.voyager=$CROSS_VOYAGER
+      fi
+    done
     python -m common.results --out $OUT
     ;;
   paper)  # Qwen2.5-VL-7B (or Qwen3-VL-8B): CoT SFT -> GRPO / KTR (ZeRO-3, 8 GPUs) -> label -> Voyager -> benchmarks

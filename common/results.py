@@ -32,7 +32,9 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 FRAME_RUNS = {"uniform": "sft_uniform",  # eval/<dir> of each frame strategy; M = 16 candidates, or 32
               "retrieval": "sft_retrieval_m16", "aks": "sft_aks_m16", "dpp": "sft_dpp_m16",
               "voyager": "sft_voyager_m16", "retrieval_m32": "sft_retrieval_m32", "aks_m32": "sft_aks_m32",
-              "dpp_m32": "sft_dpp_m32", "voyager_m32": "sft_voyager_m32"}
+              "dpp_m32": "sft_dpp_m32", "voyager_m32": "sft_voyager_m32",
+              # run.sh CROSS_VOYAGER=DIR: a scorer trained on another model (its own backbone) picks the frames
+              "voyager_cross": "sft_voyager_cross_m16", "voyager_cross_m32": "sft_voyager_cross_m32"}
 
 
 def informative_spans(text: str, words: list[str]) -> list[tuple[int, int]]:
@@ -359,7 +361,10 @@ def markdown(results: dict, images: list[str]) -> str:
                                   for f in e["evidence_recall_by_family"]})
         lines += ["## Frame selection (the SFT model sees 8 frames picked from M = 16 candidates, or 32)", "",
                   "Accuracy and evidence recall (the share of a question's evidence frames among those seen),",
-                  "overall and per family; the same answering model for every strategy.", "",
+                  "overall and per family; the same answering model for every strategy"
+                  + ("; voyager_cross: a scorer trained on another model, running its own backbone (run.sh "
+                     "CROSS_VOYAGER)." if any(k.startswith("voyager_cross") for k in results["frame_selection"])
+                     else "."), "",
                   "| strategy | accuracy | " + " | ".join(families) + " | evidence recall | "
                   + " | ".join(f"recall {f}" for f in recall_families) + " |",
                   "|---|---|" + "---|" * (len(families) + 1 + len(recall_families))]
