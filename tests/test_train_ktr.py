@@ -167,6 +167,30 @@ def test_a_family_without_grids_stops_before_any_work_naming_the_property(tiny_l
     assert not (tmp_path / "llava" / "metrics.jsonl").exists()
 
 
+def test_qwen3_vl_trains_end_to_end_with_every_signal(tiny_qwen3_vl_dir, tiny_world_dir, tmp_path):
+    """Qwen3-VL (times as text, DeepStack, interleaved M-RoPE) through the whole stage: a few SFT steps so that
+    groups have reward variance, then KTR steps whose three signals select tokens, whose page shows each
+    sample's frames, and whose update moves the language model."""
+    sft = tmp_path / "sft"
+    subprocess.run([sys.executable, "train_sft.py", f"model={tiny_qwen3_vl_dir}",
+                    f"data={tiny_world_dir / 'train.json'}", f"output_dir={sft}", "frames.num=4", "batch_size=8",
+                    "max_steps=30", "lr=3e-3", "with_reasoning=false"],
+                   cwd=ROOT, env=cpu_launch_env(), check=True, capture_output=True)
+    out = tmp_path / "ktr"
+    run(ktr_args(sft / "final", tiny_world_dir / "train.json", out, "max_steps=2"))
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["kl"]) for m in metrics)
+    for signal in ("visual", "temporal", "entropy"):
+        assert 0 < metrics[0][f"selected/{signal}"] <= 0.5, signal
+    scores = [x for row in read_jsonl(out / "tokens.jsonl") for x in row["scores"]["temporal"]]
+    assert any(abs(x) > 1e-4 for x in scores)  # shuffled frames (with their DeepStack features) change log-probs
+    check_page((out / "attribution.html").read_text(), group_size=3, n_frames=4,
+               signals={"visual", "temporal", "entropy"})
+    if any(m["reward_std"] > 0 for m in metrics):  # an update only happens where a group's rewards differ
+        before, after = weights_of(sft / "final"), weights(out)
+        assert any(not torch.equal(before[k], after[k]) for k in after if "language_model" in k)
+
+
 def test_variants_run_pixel_removal_segment_shuffle_sequence_scope_token_mean(answering_model_dir, tiny_world_dir,
                                                                                tmp_path):
     out = tmp_path / "variants"
