@@ -193,7 +193,8 @@ def _cap_size(sub_processor, max_pixels: int, name: str) -> None:
     if size is None or size.get("shortest_edge") is None or size.get("longest_edge") is None:
         raise ValueError(f"{name} {type(sub_processor).__name__} has no pixel-count size (size={size!r}); "
                          "pixel budgets need a Qwen2-VL-style processor (for one that resizes every frame to a "
-                         "fixed size, e.g. LLaVA-OneVision, set frames.max_pixels=0 and frames.image_max_pixels=0)")
+                         "fixed size, e.g. LLaVA-OneVision, leave the budget at 0: frames.max_pixels and "
+                         "frames.image_max_pixels in train/eval configs, max_pixels in label_frames.py)")
     # Qwen2-VL processors resize each frame to at most size["longest_edge"] pixels (smart_resize on the
     # 28-px grid); the minimum moves down with it, so a budget below the saved minimum still binds.
     sub_processor.size = type(size)(shortest_edge=min(size["shortest_edge"], max_pixels), longest_edge=max_pixels)

@@ -284,7 +284,7 @@ def test_llava_onevision_layout_is_pooled_frames_then_one_newline_token_at_a_fix
         assert inputs["pixel_values_videos"].shape == (1, 4, 3, 112, 112) and "video_grid_thw" not in inputs
         assert processor.tokenizer.decode(inputs["input_ids"][0]) == \
             f"<|im_start|>user {'<video>' * (4 * 16 + 1)}\nWhat?<|im_end|>\n<|im_start|>assistant\n"
-    with pytest.raises(ValueError, match="frames.max_pixels=0"):
+    with pytest.raises(ValueError, match="leave the budget at 0: frames.max_pixels"):
         load_processor(tiny_llava_onevision_dir, FramesConfig(max_pixels=56 * 56))
 
 
