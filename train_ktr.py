@@ -20,6 +20,7 @@ DIR/checkpoints/step_N (resumable) and DIR/final (loadable by eval.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -38,10 +39,9 @@ from common.attribution import (
     build_rollout,
     completion_mask_from,
     counterfactual_logps,
-    permute_frame_pixels,
     permute_temporal_patches,
     policy_logps,
-    require_supported,
+    shuffle_frames,
     temporal_permutation,
     visual_features,
 )
@@ -52,7 +52,15 @@ from common.frames import FramesConfig, load_batch, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
 from common.jsonl import append_jsonl, drop_steps_after, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
-from common.models import generate_exact, load_model, load_processor, model_inputs, model_path_ok, visual_tokens
+from common.models import (
+    generate_exact,
+    load_model,
+    load_processor,
+    model_inputs,
+    model_path_ok,
+    visual_layout,
+    visual_tokens,
+)
 from common.report import (
     TRACKERS,
     prompt_key,
@@ -308,7 +316,7 @@ def main() -> None:
     resume_from = latest_checkpoint(out) if cfg.resume else None
 
     model = load_model(resume_from or cfg.model, attn_implementation=cfg.attn_implementation or None)
-    require_supported(model)  # before any work: the family's layout must be one the passes handle
+    require_video_prompts(model, samples, cfg.data)  # before any work, for a family whose images the passes can't take
     processor = load_processor(cfg.model, cfg.frames)
     tokenizer = processor.tokenizer
     eos_ids = sorted({tokenizer.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or []).tolist()})
@@ -316,7 +324,7 @@ def main() -> None:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        model.get_encoder("video").requires_grad_(False)
 
     steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes, 0, cfg.seed, 0))
     require(steps_per_epoch > 0, "batch_size", f"{len(samples)} samples are fewer than one global batch")
@@ -413,8 +421,8 @@ def main() -> None:
             logps, entropy, features = policy(rollout, cfg.attribution.chunk_size, "entropy" in cfg.signal_ratios)
         scores, orders = {}, []  # orders: each video's frame order in the temporal counterfactual (the page)
         with torch.no_grad(), accelerator.autocast():
-            features = VisualFeatures([f.detach() for f in features.video], [f.detach() for f in features.image],
-                                      features.video_grids)
+            features = dataclasses.replace(features, video=[f.detach() for f in features.video],
+                                           image=[f.detach() for f in features.image])
             if "visual" in cfg.signal_ratios or "temporal" in cfg.signal_ratios:
                 # The real log-probs of a score come from the same computation as its counterfactual,
                 # so an unperturbed input scores exactly 0 in any precision.
@@ -528,25 +536,36 @@ def temporal_scores(model, rollout: Rollout, features: VisualFeatures, real_logp
     video's perturbed order as frame positions (position i showed frame orders[v][i]), for the page."""
     a = cfg.attribution
     generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    grids = features.video_grids.tolist() if features.video_grids is not None else []
-    if a.temporal_mode == "frame_shuffle":
-        vision = model.config.vision_config
-        perms = [temporal_permutation(t * vision.temporal_patch_size, "frame_shuffle", generator) for t, _, _ in grids]
-        visual = dict(rollout.visual_inputs)
-        if perms:
-            visual["pixel_values_videos"] = permute_frame_pixels(visual["pixel_values_videos"], features.video_grids,
-                                                                 perms, vision.temporal_patch_size, vision.patch_size)
-        perturbed = visual_features(model, visual)
-    else:
-        perms = [temporal_permutation(t, a.temporal_mode, generator, a.temporal_segments) for t, _, _ in grids]
+    frames_per_patch = visual_layout(model).frames_per_patch
+    if a.temporal_mode == "frame_shuffle" and frames_per_patch > 1:  # pairs broken: re-encode
+        perms = [temporal_permutation(t * frames_per_patch, "frame_shuffle", generator) for t in features.video_patches]
+        perturbed = visual_features(model, shuffle_frames(model, rollout.visual_inputs, perms))
+    else:  # whole patches of the cached features; with one frame per patch (LLaVA) that is frame_shuffle, exactly
+        mode = "shuffle" if a.temporal_mode == "frame_shuffle" else a.temporal_mode
+        perms = [temporal_permutation(t, mode, generator, a.temporal_segments) for t in features.video_patches]
         perturbed = permute_temporal_patches(features, perms)
-    if orders is not None:  # frame positions: a temporal patch holds temporal_patch_size consecutive frames
-        unit = 1 if a.temporal_mode == "frame_shuffle" else model.config.vision_config.temporal_patch_size
+    if orders is not None:  # frame positions: a temporal patch holds frames_per_patch consecutive frames
+        unit = 1 if a.temporal_mode == "frame_shuffle" else frames_per_patch
         orders.extend([p * unit + k for p in perm.tolist() for k in range(unit)] for perm in perms)
     shuffled = counterfactual_logps(model, rollout, perturbed, drop_visual=False, chunk_size=a.chunk_size)
     scores = counterfactual_scores(real_logps, shuffled, a.score)
     is_image = torch.tensor([k == "image" for k in rollout.kinds], device=scores.device)
     return scores.masked_fill(is_image.repeat_interleave(rollout.group_size)[:, None], math.nan)
+
+
+def require_video_prompts(model, samples: list[Sample], data: str) -> None:
+    """Stop at the data's first image prompt when the model encodes images apart from videos (LLaVA-OneVision
+    tiles them "anyres" by a tower path of their own): the rollout passes make one tower call per pass,
+    which keeps ZeRO-3 ranks in step, and a batch mixing images and videos would need two."""
+    if visual_layout(model).image_grids:
+        return
+    image = next((s for s in samples if s.data_type == "image"), None)
+    if image is not None:
+        raise ValueError(f"train_ktr.py: {data}: record {image.problem_id!r} ({image.path}) is an image prompt, "
+                         f"but {type(model).__name__} encodes images apart from videos (visual_layout(model)."
+                         'image_grids is False: images are tiled "anyres" by a tower path of their own, so a batch '
+                         "mixing them with videos needs two tower calls); this family trains on video prompts only: "
+                         "leave the image records out of the data")
 
 
 def check_replicas_agree(accelerator, policy, out: Path) -> None:

@@ -18,8 +18,11 @@ What makes it cheap (each gives the same numbers as the straightforward way; tes
   reuse their KV cache for the G completions each;
 - log-probs come from hidden states in chunks (`token_logps_and_entropy`), never as a
   (N x L x vocabulary) float32 tensor.
-Supported: the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), whose processors give mm_token_type_ids
-and grids and whose models index positions in 3-D; `require_supported` names what another model lacks.
+Supported: the Qwen-VL families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: grids, 3-D M-RoPE positions, videos and
+images in one tower call) and, for video prompts, LLaVA-OneVision (no grids: videos as one (videos, frames,
+C, H, W) tensor, every frame encoded alone, one newline feature after each video, 1-D positions numbered as
+`generate` numbers them). Its images are tiled "anyres" by a tower path of their own; `require_supported`
+names that property when one reaches these passes.
 
 Under ZeRO-3 every call of a sharded module is a collective, so every rank must make the same
 sequence of calls whatever its batch holds. Each pass here makes a fixed number of calls: one
@@ -30,7 +33,8 @@ completion length Lc is padded to the same value on every rank (`build_rollout(p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +51,7 @@ class Rollout:
 
     input_ids: torch.Tensor  # (N, P + Lc)
     attention_mask: torch.Tensor  # (N, P + Lc)
-    position_ids: torch.Tensor  # (3, N, P + Lc), computed once with the full mask
+    position_ids: torch.Tensor  # (3, N, P + Lc) M-RoPE or (N, P + Lc) 1-D, computed once with the full mask
     completion_mask: torch.Tensor  # (N, Lc) bool: tokens up to and including the first EOS
     prompt_length: int  # P
     group_size: int  # G
@@ -65,9 +69,11 @@ class Rollout:
         out = {k: v.repeat_interleave(self.group_size, dim=0) if k.endswith(("thw", "grid_ts")) else v
                for k, v in self.visual_inputs.items()}
         for key, grid_key in (("pixel_values_videos", "video_grid_thw"), ("pixel_values", "image_grid_thw")):
-            if key in out:
+            if key in out and grid_key in out:
                 blocks = torch.split(self.visual_inputs[key], self.visual_inputs[grid_key].prod(dim=1).tolist())
                 out[key] = torch.cat([blk for blk in blocks for _ in range(self.group_size)], dim=0)
+            elif key in out:  # no grids (LLaVA-OneVision): one (frames, C, H, W) entry per video
+                out[key] = out[key].repeat_interleave(self.group_size, dim=0)
         return out
 
 
@@ -79,14 +85,14 @@ def completion_mask_from(completion_ids: torch.Tensor, eos_token_ids: list[int])
     return ~after_eos
 
 
-def require_supported(model) -> None:
-    """Raise, naming the property, for a model these passes do not handle yet: one without Qwen-VL's
-    grid layout and M-RoPE index (LLaVA-OneVision: 1-D positions, frames as a (frames, C, H, W) tensor with no
-    video_grid_thw, images tiled "anyres" by a path of their own, so no one tower call for a mixed batch)."""
-    if not visual_layout(model).mrope:
-        raise ValueError(f"train_ktr.py (rollout log-probs and attribution) needs a model with video_grid_thw "
-                         f"grids and an M-RoPE position index; {type(model).__name__} has neither "
-                         "(visual_layout(model).mrope is False: 1-D positions). Not supported yet for this family.")
+def require_supported(model, prompt_inputs: dict) -> None:
+    """Raise, naming the property, for inputs these passes do not handle: images of a model that encodes
+    them apart from videos (LLaVA-OneVision tiles them "anyres" through `get_image_features`), since a batch
+    mixing them would need two tower calls and ZeRO-3 ranks must all make the same calls."""
+    if "pixel_values" in prompt_inputs and not visual_layout(model).image_grids:
+        raise ValueError(f"train_ktr.py (rollout log-probs and attribution) takes video prompts only for "
+                         f"{type(model).__name__}: visual_layout(model).image_grids is False (its images are tiled "
+                         '"anyres" by a tower path of their own, so images and videos need two tower calls)')
 
 
 def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, group_size: int,
@@ -96,7 +102,7 @@ def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, grou
 
     `pad_to` right-pads the completions to that length with invalid `pad_token_id` tokens (e.g. the
     longest completion over all ranks, so that every rank runs the same number of chunks)."""
-    require_supported(model)
+    require_supported(model, prompt_inputs)
     repeat = lambda t: t.repeat_interleave(group_size, dim=0)  # noqa: E731
     completion_mask = completion_mask_from(completion_ids, eos_token_ids)
     extra = (pad_to or 0) - completion_ids.shape[1]
@@ -105,16 +111,20 @@ def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, grou
         completion_mask = F.pad(completion_mask, (0, extra), value=False)
     input_ids = torch.cat([repeat(prompt_inputs["input_ids"]), completion_ids], dim=1)
     attention_mask = torch.cat([repeat(prompt_inputs["attention_mask"]), completion_mask.long()], dim=1)
-    token_types = torch.cat([repeat(prompt_inputs["mm_token_type_ids"]),
-                             torch.zeros_like(completion_ids, dtype=prompt_inputs["mm_token_type_ids"].dtype)], 1)
     visual = {k: v for k, v in prompt_inputs.items()
               if k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                        "second_per_grid_ts")}
-    grids = {k: repeat(v) for k, v in visual.items() if k in ("image_grid_thw", "video_grid_thw",
-                                                               "second_per_grid_ts")}
-    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
-                                                 attention_mask=attention_mask, **grids)
-    model.model.rope_deltas = None
+    if visual_layout(model).mrope:
+        token_types = torch.cat([repeat(prompt_inputs["mm_token_type_ids"]), torch.zeros_like(
+            completion_ids, dtype=prompt_inputs["mm_token_type_ids"].dtype)], 1)
+        grids = {k: repeat(v) for k, v in visual.items() if k in ("image_grid_thw", "video_grid_thw",
+                                                                   "second_per_grid_ts")}
+        position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=token_types,
+                                                     attention_mask=attention_mask, **grids)
+        model.model.rope_deltas = None
+    else:  # 1-D, as `generate` numbers a left-padded prompt and what it sampled: from 0 at the first real token
+        sampled = torch.cat([repeat(prompt_inputs["attention_mask"]), torch.ones_like(completion_ids)], dim=1)
+        position_ids = (sampled.cumsum(dim=1) - 1).clamp(min=0)
     video_token = visual_tokens(model.config).video
     kinds = ["video" if (row == video_token).any() else "image" for row in prompt_inputs["input_ids"]]
     return Rollout(input_ids, attention_mask, position_ids, completion_mask,
@@ -129,20 +139,28 @@ def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, grou
 class VisualFeatures:
     video: list[torch.Tensor]  # per video, (tokens, 1 + DeepStack levels, hidden), temporal patches contiguous
     image: list[torch.Tensor]  # per image, the same layout
-    video_grids: torch.Tensor | None  # (B_video, 3) t, h, w in patches
+    video_grids: torch.Tensor | None  # (B_video, 3) t, h, w in patches; None for a model without grids
+    video_patches: list[int] = field(default_factory=list)  # per video, its temporal patches (LLaVA: frames)
+    video_end_tokens: int = 0  # features after each video's patches that belong to none (LLaVA's newline)
 
 
 def visual_features(model, visual_inputs: dict) -> VisualFeatures:
     """Run the vision tower once over the batch's videos and images together: one call whatever
-    the mix (an image is a one-patch video to the tower), so ranks with different mixes stay in step."""
+    the mix (an image is a one-patch video to the tower), so ranks with different mixes stay in step.
+    Without grids (LLaVA-OneVision, video prompts only) the videos are one (videos, frames, C, H, W) tensor."""
     video_grids, image_grids = visual_inputs.get("video_grid_thw"), visual_inputs.get("image_grid_thw")
     pixels = [x for x in (visual_inputs.get("pixel_values_videos"), visual_inputs.get("pixel_values")) if x is not None]
     if not pixels:
         return VisualFeatures([], [], None)
+    if video_grids is None and image_grids is None:
+        videos = visual_inputs["pixel_values_videos"]
+        return VisualFeatures(encode_visual(model, videos, None), [], None, [videos.shape[1]] * len(videos),
+                              visual_layout(model).video_end_tokens)
     grids = torch.cat([g for g in (video_grids, image_grids) if g is not None])
     out = encode_visual(model, torch.cat(pixels), grids)
     n_video = 0 if video_grids is None else len(video_grids)
-    return VisualFeatures(out[:n_video], out[n_video:], video_grids)
+    return VisualFeatures(out[:n_video], out[n_video:], video_grids,
+                          [] if video_grids is None else video_grids[:, 0].tolist())
 
 
 def embed_inputs(model, input_ids: torch.Tensor, features: VisualFeatures, rows_per_prompt: int
@@ -167,14 +185,19 @@ def embed_inputs(model, input_ids: torch.Tensor, features: VisualFeatures, rows_
 
 
 def permute_temporal_patches(features: VisualFeatures, permutations: list[torch.Tensor | None]) -> VisualFeatures:
-    """Reorder whole temporal patches of each video's features (None keeps a video as it is)."""
-    if features.video_grids is None:  # no video in the batch (images only): nothing to reorder
+    """Reorder whole temporal patches of each video's features (None keeps a video as it is); the features
+    after the patches that belong to none (LLaVA's newline) stay at the end."""
+    if not features.video:  # no video in the batch (images only): nothing to reorder
         return features
     out = []
-    for feats, grid, perm in zip(features.video, features.video_grids.tolist(), permutations, strict=True):
-        t = grid[0]
-        out.append(feats if perm is None else feats.view(t, -1, *feats.shape[1:])[perm].reshape_as(feats))
-    return VisualFeatures(out, features.image, features.video_grids)
+    for feats, t, perm in zip(features.video, features.video_patches, permutations, strict=True):
+        n = len(feats) - features.video_end_tokens
+        if perm is None:
+            out.append(feats)
+        else:
+            out.append(torch.cat([feats[:n].view(t, -1, *feats.shape[1:])[perm].reshape(n, *feats.shape[1:]),
+                                  feats[n:]]))
+    return dataclasses.replace(features, video=out)
 
 
 def temporal_permutation(n_patches: int, mode: str, generator: torch.Generator, segments: int = 4) -> torch.Tensor:
@@ -196,6 +219,21 @@ def temporal_permutation(n_patches: int, mode: str, generator: torch.Generator, 
     pieces = [identity[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     order = temporal_permutation(len(pieces), "shuffle", generator)
     return torch.cat([pieces[i] for i in order.tolist()])
+
+
+def shuffle_frames(model, visual_inputs: dict, permutations: list[torch.Tensor | None]) -> dict:
+    """The visual inputs with each video's single frames reordered (`permutations[i]` orders video i's
+    frames; None = unchanged), as if the frames had been shuffled before the processor."""
+    videos = visual_inputs.get("pixel_values_videos")
+    if videos is None or not permutations:
+        return visual_inputs
+    if "video_grid_thw" not in visual_inputs:  # (videos, frames, C, H, W)
+        shuffled = torch.stack([v if p is None else v[p] for v, p in zip(videos, permutations, strict=True)])
+    else:
+        vision = model.config.vision_config
+        shuffled = permute_frame_pixels(videos, visual_inputs["video_grid_thw"], permutations,
+                                        vision.temporal_patch_size, vision.patch_size)
+    return {**visual_inputs, "pixel_values_videos": shuffled}
 
 
 def permute_frame_pixels(pixels: torch.Tensor, grids: torch.Tensor, permutations: list[torch.Tensor | None],
@@ -298,6 +336,9 @@ def naive_logps(model, rollout: Rollout, condition: str, permutations: list[torc
     if condition == "masked":
         ids = visual_tokens(model.config)
         attention_mask = attention_mask * ~torch.isin(rollout.input_ids, torch.tensor([ids.video, ids.image]))
+    elif condition == "shuffled" and "video_grid_thw" not in visual:  # a temporal patch is one frame
+        repeated = [perm for perm in permutations for _ in range(rollout.group_size)]
+        visual = shuffle_frames(model, visual, repeated)
     elif condition == "shuffled":
         repeated = [perm for perm in permutations for _ in range(rollout.group_size)]
         visual["pixel_values_videos"] = _permute_pixel_rows(visual["pixel_values_videos"],

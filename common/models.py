@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import weakref
 from collections.abc import Mapping, Sequence
@@ -345,16 +346,22 @@ class VisualLayout:
     Qwen-VL numbers positions in 3-D (M-RoPE: time, height, width) with its own index over the processor's
     video_grid_thw and token types, and a video's features are its temporal patches' and nothing else.
     LLaVA-OneVision numbers positions 1-D (0..L-1, what its language model uses when given none), and ends
-    each video's features with one learned newline token (`image_newline`) that no frame produced.
+    each video's features with one learned newline token (`image_newline`) that no frame produced. Its tower
+    encodes every frame alone, and its images are tiled "anyres" and packed by a path of their own
+    (`get_image_features` takes `image_sizes`, not grids), so images and videos need two tower calls.
     """
 
     mrope: bool  # 3-D positions from the model's `get_rope_index`; else 1-D
     video_end_tokens: int  # features after each video's frames that belong to no frame (LLaVA: the newline)
+    frames_per_patch: int = 1  # frames the tower encodes together (Qwen-VL: temporal_patch_size 2; LLaVA: 1)
+    image_grids: bool = True  # images are encoded from grids like videos, in the same tower call (Qwen-VL)
 
 
 def visual_layout(model) -> VisualLayout:
     return VisualLayout(mrope=hasattr(model.model, "get_rope_index"),
-                        video_end_tokens=int(getattr(model.model, "image_newline", None) is not None))
+                        video_end_tokens=int(getattr(model.model, "image_newline", None) is not None),
+                        frames_per_patch=int(getattr(model.config.vision_config, "temporal_patch_size", 1)),
+                        image_grids="image_grid_thw" in inspect.signature(model.model.get_image_features).parameters)
 
 
 def position_ids(model, inputs: Mapping) -> torch.Tensor:

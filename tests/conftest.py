@@ -66,9 +66,9 @@ def tiny_llava_onevision_dir(tmp_path_factory) -> Path:
 
 TINY_ARCH_FIXTURES = {"qwen2_5_vl": "tiny_model_dir", "qwen3_vl": "tiny_qwen3_vl_dir",
                       "llava_onevision": "tiny_llava_onevision_dir"}
-# Families whose cheap train_ktr.py attribution passes run (LLaVA-OneVision's are not written yet: its images
-# are tiled "anyres" apart from its videos, so there is no one tower call for a mixed batch).
-ATTRIBUTION_ARCH_FIXTURES = {k: TINY_ARCH_FIXTURES[k] for k in ("qwen2_5_vl", "qwen3_vl")}
+# Families whose cheap train_ktr.py attribution passes run (LLaVA-OneVision: video prompts; its images, tiled
+# "anyres" apart from its videos, stop with an error naming visual_layout(model).image_grids).
+ATTRIBUTION_ARCH_FIXTURES = {k: TINY_ARCH_FIXTURES[k] for k in ("qwen2_5_vl", "qwen3_vl", "llava_onevision")}
 
 
 @pytest.fixture(scope="session", params=list(TINY_ARCH_FIXTURES))

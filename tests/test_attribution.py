@@ -13,14 +13,14 @@ from common.attribution import (
     build_rollout,
     counterfactual_logps,
     naive_logps,
-    permute_frame_pixels,
     permute_temporal_patches,
     policy_logps,
+    shuffle_frames,
     temporal_permutation,
     visual_features,
 )
 from common.grpo import grpo_loss, key_token_mask
-from common.models import load_model, load_processor, model_inputs, visual_tokens
+from common.models import load_model, load_processor, model_inputs, video_format, visual_layout, visual_tokens
 from common.video import read_frames
 
 G = 3
@@ -28,12 +28,15 @@ G = 3
 
 @pytest.fixture(scope="module")
 def setup(tiny_attribution_arch_dir, tiny_world_dir):
-    """Every test here runs once per supported family (Qwen3-VL: timestamps as text, DeepStack)."""
+    """Every test here runs once per supported family (Qwen3-VL: timestamps as text, DeepStack; LLaVA-OneVision:
+    no grids, 1-D positions, a newline after each video, video prompts only)."""
     torch.manual_seed(0)
     model = load_model(tiny_attribution_arch_dir).eval()
     processor = load_processor(tiny_attribution_arch_dir)
     records = json.loads((tiny_world_dir / "train.json").read_text())
-    clips = [read_frames(tiny_world_dir / r["path"], num_frames=n) for r, n in zip(records[:2], (8, 6), strict=True)]
+    # A fixed-frame-size processor stacks a batch's videos into one (videos, frames, C, H, W) tensor: equal lengths.
+    lengths = (8, 8) if video_format(processor).fixed_frame_size else (8, 6)
+    clips = [read_frames(tiny_world_dir / r["path"], num_frames=n) for r, n in zip(records[:2], lengths, strict=True)]
     image = np.asarray(read_frames(tiny_world_dir / records[2]["path"], indices=[5]).frames[0])
     return model, processor, records, clips, image
 
@@ -62,7 +65,7 @@ def test_real_and_counterfactual_logps_equal_the_straightforward_passes(setup):
         real, _ = policy_logps(model, rollout, features, chunk_size=5)
         masked = counterfactual_logps(model, rollout, None, drop_visual=True, chunk_size=5)
         gen = torch.Generator().manual_seed(0)
-        perms = [temporal_permutation(int(g[0]), "shuffle", gen) for g in features.video_grids]
+        perms = [temporal_permutation(t, "shuffle", gen) for t in features.video_patches]
         shuffled = counterfactual_logps(model, rollout, permute_temporal_patches(features, perms), drop_visual=False,
                                         chunk_size=5)
     assert max_diff(real, naive_logps(model, rollout, "real"), valid) <= 1e-4
@@ -74,26 +77,33 @@ def test_real_and_counterfactual_logps_equal_the_straightforward_passes(setup):
 
 def test_frame_shuffle_pass_equals_the_model_on_the_shuffled_frames(setup):
     """frame_shuffle re-encodes single frames in a new order (pairs change): its cheap pass equals a plain
-    forward on those pixels, timestamp tokens (Qwen3-VL) staying where they are."""
+    forward on those pixels, timestamp tokens (Qwen3-VL) staying where they are. Where the tower encodes every
+    frame alone (LLaVA-OneVision), permuting the cached features the same way gives the same log-probs."""
     model, processor, records, clips, _ = setup
     rollout = make_rollout(model, processor, ["A video?", records[1]["problem"]], clips)
-    vision = model.config.vision_config
-    grids = rollout.visual_inputs["video_grid_thw"]
+    per_patch = visual_layout(model).frames_per_patch
     gen = torch.Generator().manual_seed(0)
-    perms = [temporal_permutation(int(g[0]) * vision.temporal_patch_size, "frame_shuffle", gen) for g in grids]
-    pixels = permute_frame_pixels(rollout.visual_inputs["pixel_values_videos"], grids, perms,
-                                  vision.temporal_patch_size, vision.patch_size)
-    shuffled = dataclasses.replace(rollout, visual_inputs={**rollout.visual_inputs, "pixel_values_videos": pixels})
     with torch.no_grad():
+        features = visual_features(model, rollout.visual_inputs)
+        perms = [temporal_permutation(t * per_patch, "frame_shuffle", gen) for t in features.video_patches]
+        shuffled = dataclasses.replace(rollout, visual_inputs=shuffle_frames(model, rollout.visual_inputs, perms))
         ours = counterfactual_logps(model, rollout, visual_features(model, shuffled.visual_inputs), drop_visual=False)
-        real = counterfactual_logps(model, rollout, visual_features(model, rollout.visual_inputs), drop_visual=False)
+        real = counterfactual_logps(model, rollout, features, drop_visual=False)
+        if per_patch == 1:  # what train_ktr.py computes for frame_shuffle there: no re-encoding
+            cached = counterfactual_logps(model, rollout, permute_temporal_patches(features, perms), drop_visual=False)
     valid = rollout.completion_mask
     assert max_diff(ours, naive_logps(model, shuffled, "real"), valid) <= 1e-4
     assert max_diff(ours, real, valid) > 1e-3
+    if per_patch == 1:
+        assert max_diff(cached, ours, valid) <= 1e-4
 
 
 def test_mixed_video_and_image_batch_matches_straightforward(setup):
     model, processor, records, clips, image = setup
+    if not visual_layout(model).image_grids:  # images tiled "anyres" apart from videos: refused, by property
+        with pytest.raises(ValueError, match=r"visual_layout\(model\).image_grids is False"):
+            make_rollout(model, processor, ["A video?", "An image?"], [clips[0], image])
+        return
     rollout = make_rollout(model, processor, ["A video?", "An image?"], [clips[0], image])
     assert rollout.kinds == ["video", "image"]
     with torch.no_grad():
@@ -155,9 +165,7 @@ def test_frame_shuffle_pixels_equal_the_processor_on_shuffled_frames(setup):
     original = model_inputs(processor, ["q"], [clip])
     shuffled_clip = dataclasses.replace(clip, frames=clip.frames[perm.numpy()])
     expected = model_inputs(processor, ["q"], [shuffled_clip])["pixel_values_videos"]
-    vision = model.config.vision_config
-    ours = permute_frame_pixels(original["pixel_values_videos"], original["video_grid_thw"], [perm],
-                                vision.temporal_patch_size, vision.patch_size)
+    ours = shuffle_frames(model, dict(original), [perm])["pixel_values_videos"]
     assert torch.equal(ours, expected)
     assert not torch.equal(ours, original["pixel_values_videos"])
 
@@ -183,6 +191,10 @@ def test_image_only_batch_has_no_temporal_signal_and_does_not_crash(setup):
     import train_ktr
 
     model, processor, _, _, image = setup
+    if not visual_layout(model).image_grids:
+        with pytest.raises(ValueError, match=r"visual_layout\(model\).image_grids is False"):
+            make_rollout(model, processor, ["An image?", "Another?"], [image, image[:40, :50]])
+        return
     rollout = make_rollout(model, processor, ["An image?", "Another?"], [image, image[:40, :50]])
     assert rollout.kinds == ["image", "image"]
     cfg = train_ktr.Config()
@@ -203,20 +215,17 @@ def test_unperturbed_input_scores_exactly_zero_in_bf16(setup, mode):
     """Under bfloat16 autocast the real log-probs of a score come from the same computation as the
     counterfactual, so an identity "perturbation" scores exactly 0 (not bf16 noise)."""
     model, processor, _, clips, image = setup
-    rollout = make_rollout(model, processor, ["A video?", "An image?"], [clips[0], image])
+    second = image if visual_layout(model).image_grids else clips[1]  # images only where the passes take them
+    rollout = make_rollout(model, processor, ["A video?", "An image?"], [clips[0], second])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         features = visual_features(model, rollout.visual_inputs)
         real = counterfactual_logps(model, rollout, features, drop_visual=False)
-        t = int(features.video_grids[0, 0])
         if mode == "shuffle":
-            same = permute_temporal_patches(features, [torch.arange(t)])
+            same = permute_temporal_patches(features, [torch.arange(t) for t in features.video_patches])
         else:
-            vision = model.config.vision_config
-            pixels = permute_frame_pixels(rollout.visual_inputs["pixel_values_videos"],
-                                          rollout.visual_inputs["video_grid_thw"],
-                                          [torch.arange(t * vision.temporal_patch_size)],
-                                          vision.temporal_patch_size, vision.patch_size)
-            same = visual_features(model, {**rollout.visual_inputs, "pixel_values_videos": pixels})
+            per_patch = visual_layout(model).frames_per_patch
+            same = visual_features(model, shuffle_frames(model, rollout.visual_inputs,
+                                                         [torch.arange(t * per_patch) for t in features.video_patches]))
         again = counterfactual_logps(model, rollout, same, drop_visual=False)
         masked = counterfactual_logps(model, rollout, None, drop_visual=True)
     valid = rollout.completion_mask

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -158,21 +159,35 @@ def test_bad_config_values_stop_before_any_work(answering_model_dir, tiny_world_
     assert f"{key}:" in proc.stderr and not out.exists()
 
 
-def test_a_family_without_grids_stops_before_any_work_naming_the_property(tiny_llava_onevision_dir, tiny_world_dir,
-                                                                           tmp_path):
-    """LLaVA-OneVision (1-D positions, no video_grid_thw) is not handled by the rollout passes yet: the stage
-    stops right after loading the model, with a message naming the property, not deep inside a pass."""
-    proc = run(ktr_args(tiny_llava_onevision_dir, tiny_world_dir / "train.json", tmp_path / "llava"), expect=1)
-    assert "train_ktr.py" in proc.stderr and "visual_layout(model).mrope is False" in proc.stderr
-    assert not (tmp_path / "llava" / "metrics.jsonl").exists()
+def test_a_family_that_tiles_images_apart_stops_at_the_first_image_prompt(tiny_llava_onevision_dir, tiny_world_dir,
+                                                                          tmp_path):
+    """LLaVA-OneVision tiles images "anyres" through a tower path of their own, so the rollout passes take its
+    video prompts only: data holding an image stops right after loading the model, naming the property and
+    the record, not deep inside a pass."""
+    from PIL import Image
+
+    image = tmp_path / "still.png"
+    Image.fromarray(np.zeros((56, 56, 3), np.uint8)).save(image)
+    records = json.loads((tiny_world_dir / "train.json").read_text())[:3]
+    records.append({**records[0], "problem_id": "still-1", "data_type": "image", "path": str(image)})
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "llava"
+    proc = run(ktr_args(tiny_llava_onevision_dir, data, out, f"media_root={tiny_world_dir}"), expect=1)
+    assert "visual_layout(model).image_grids is False" in proc.stderr
+    assert "'still-1'" in proc.stderr and str(image) in proc.stderr
+    assert not (out / "metrics.jsonl").exists()
 
 
-def test_qwen3_vl_trains_end_to_end_with_every_signal(tiny_qwen3_vl_dir, tiny_world_dir, tmp_path):
-    """Qwen3-VL (times as text, DeepStack, interleaved M-RoPE) through the whole stage: a few SFT steps so that
-    groups have reward variance, then KTR steps whose three signals select tokens, whose page shows each
-    sample's frames, and whose update moves the language model."""
+@pytest.mark.parametrize("arch_dir", ["tiny_qwen3_vl_dir", "tiny_llava_onevision_dir"])
+def test_family_trains_end_to_end_with_every_signal(arch_dir, tiny_world_dir, tmp_path, request):
+    """Qwen3-VL (times as text, DeepStack, interleaved M-RoPE) and LLaVA-OneVision (no grids, 1-D positions, a
+    newline after each video) through the whole stage: a few SFT steps so that groups have reward variance,
+    then KTR steps whose three signals select tokens, whose page shows each sample's frames, and whose
+    update moves the language model."""
+    model_dir = request.getfixturevalue(arch_dir)
     sft = tmp_path / "sft"
-    subprocess.run([sys.executable, "train_sft.py", f"model={tiny_qwen3_vl_dir}",
+    subprocess.run([sys.executable, "train_sft.py", f"model={model_dir}",
                     f"data={tiny_world_dir / 'train.json'}", f"output_dir={sft}", "frames.num=4", "batch_size=8",
                     "max_steps=30", "lr=3e-3", "with_reasoning=false"],
                    cwd=ROOT, env=cpu_launch_env(), check=True, capture_output=True)
