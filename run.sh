@@ -56,7 +56,7 @@ case $MODE in
     N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-750}
     N_SFT=${N_SFT:-$((N_TRAIN / 4))} N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-150} RL_BATCH=${RL_BATCH:-16}
     [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
-    [ $ARCH = llava_onevision ] && RL_SEEDS=0  # train_ktr.py does not run on LLaVA-OneVision yet (README)
+    [ $ARCH = llava_onevision ] && RL_SEEDS=0  # train_ktr.py takes its video prompts (README); not run here yet
     DATA=$OUT/data SFT=$OUT/sft/final
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
