@@ -157,8 +157,8 @@ def test_step_with_all_signals_off_is_plain_grpo(setup):
 
 
 def test_frame_shuffle_pixels_equal_the_processor_on_shuffled_frames(setup):
-    """permute_frame_pixels reorders single frames in the flat pixel layout exactly as running the
-    processor on the shuffled frames does (the frame_shuffle counterfactual needs no re-decoding)."""
+    """shuffle_frames reorders single frames in the processor's pixel layout (Qwen-VL's flat patch rows, LLaVA's
+    frames axis) exactly as running the processor on the shuffled frames does (no re-decoding needed)."""
     model, processor, _, clips, _ = setup
     clip = clips[0]
     perm = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])
