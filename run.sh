@@ -4,7 +4,7 @@
 #   bash run.sh          the whole pipeline on the tiny default (CPU, minutes)
 #   RL_SEEDS=3 bash run.sh   the same with GRPO and KTR trained and evaluated over 3 seeds
 #   ARCH=qwen3_vl bash run.sh  the same on another family's tiny model (qwen2_5_vl default, qwen3_vl,
-#                        llava_onevision: no GRPO / KTR) -> outputs/tiny_$ARCH
+#                        llava_onevision) -> outputs/tiny_$ARCH
 #   CROSS_VOYAGER=outputs/tiny/voyager ARCH=llava_onevision bash run.sh   adds frames picked by another model's scorer
 #   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
 #   bash run.sh test     lint + the test suite
@@ -56,7 +56,6 @@ case $MODE in
     N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-750}
     N_SFT=${N_SFT:-$((N_TRAIN / 4))} N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-150} RL_BATCH=${RL_BATCH:-16}
     [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
-    [ $ARCH = llava_onevision ] && RL_SEEDS=0  # train_ktr.py takes its video prompts (README); not run here yet
     DATA=$OUT/data SFT=$OUT/sft/final
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
