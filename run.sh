@@ -6,6 +6,7 @@
 #   ARCH=qwen3_vl bash run.sh  the same on another family's tiny model (qwen2_5_vl default, qwen3_vl,
 #                        llava_onevision) -> outputs/tiny_$ARCH
 #   CROSS_VOYAGER=outputs/tiny/voyager ARCH=llava_onevision bash run.sh   adds frames picked by another model's scorer
+#   CANDIDATES=16 bash run.sh   frame selection from M = 16 uniform candidates only (default "16 32")
 #   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
 #   bash run.sh test     lint + the test suite
 #   bash run.sh paper [--dry-run]   the paper-scale recipe on GPUs (paths: configs/paper/paths.env)
@@ -43,7 +44,7 @@ MODE=${1:-tiny}
 case $MODE in
   test)
     ruff check .
-    exec python -m pytest tests
+    exec python -m pytest -n ${TEST_WORKERS:-2} --dist loadfile --no-loadscope-reorder tests  # whole files per worker
     ;;
   tiny|ablation)  # synthetic world -> tiny model -> SFT -> labels -> Voyager -> GRPO / KTR -> evaluations
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
@@ -97,7 +98,7 @@ case $MODE in
     fi
     stage eval_sft_all $OUT/eval/sft_all/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_all frames.strategy=all
     # frame selection: the SFT model's 8 frames picked from M = 16 (or 32) uniform candidates; uniform = eval_sft
-    for m in 16 32; do
+    for m in ${CANDIDATES:-16 32}; do
       for s in retrieval aks dpp voyager; do
         stage eval_${s}_m$m $OUT/eval/sft_${s}_m$m/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_${s}_m$m \
           frames.strategy=$s frames.candidates=$m frames.voyager=$OUT/voyager

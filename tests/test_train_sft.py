@@ -97,7 +97,7 @@ def test_deepspeed_zero3_trains_with_accumulation_and_saves_a_whole_model(tiny_m
     args = [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}", "frames.num=4", "batch_size=2",
             "grad_accum=2", "max_steps=2", "lr=1e-3", "log_every=1", f"output_dir={tmp_path / 'out'}"]
     cmd = launch_command("train_sft.py", args, num_processes=1, accelerate_config=str(tmp_path / "zero3.yaml"),
-                         main_process_port=29641)
+                         main_process_port=29651)
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(deepspeed=True), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
