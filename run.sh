@@ -7,6 +7,8 @@
 #                        llava_onevision) -> outputs/tiny_$ARCH
 #   CROSS_VOYAGER=outputs/tiny/voyager ARCH=llava_onevision bash run.sh   adds frames picked by another model's scorer
 #   CANDIDATES=16 bash run.sh   frame selection from M = 16 uniform candidates only (default "16 32")
+#   ALL_FRAMES=1 bash run.sh   adds the SFT model on all 64 frames (a probe: far outside its training, it fails)
+#   JOBS=1 bash run.sh   one stage at a time (default 2: after SFT, stages run side by side, logs in OUT/logs)
 #   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
 #   bash run.sh test     lint + the test suite
 #   bash run.sh paper [--dry-run]   the paper-scale recipe on GPUs (paths: configs/paper/paths.env)
@@ -31,13 +33,45 @@ setup() {  # .venv with the pinned requirements, reinstalled only when requireme
 stage() {  # stage NAME DONE_MARKER command...: run unless DONE_MARKER exists, record seconds taken
   local name=$1 marker=$2; shift 2
   if [ -e "$marker" ]; then echo "== $name: done already ($marker)"; return; fi
-  echo "== $name: $*"
   local start=$SECONDS
-  "$@"
+  if [ -n "${LOGS:-}" ]; then  # running side by side with other stages (pool): the output goes to a log
+    mkdir -p "$LOGS"
+    echo "== $name: $* (log: $LOGS/$name.log)"
+    "$@" > "$LOGS/$name.log" 2>&1 || {
+      local rc=$?; echo "== $name: FAILED (exit $rc); the end of $LOGS/$name.log:"; tail -n 20 "$LOGS/$name.log"
+      return $rc; }
+  else
+    echo "== $name: $*"
+    "$@"
+  fi
   mkdir -p "$OUT"
   echo "{\"stage\": \"$name\", \"seconds\": $((SECONDS - start))}" >> "$OUT/timings.jsonl"
   echo "== $name: finished in $((SECONDS - start)) s -> $marker"
 }
+
+# After SFT every stage needs only the SFT model, and the tiny model keeps a core only partly busy (one
+# process at 2 threads is 1.3x one at 1 thread), so JOBS of them run side by side, one thread each on 2
+# cores. Their numbers do not change: a stage gives the same results at 1 or 2 threads.
+JOBS=${JOBS:-2}
+PIDS=()
+pool() {  # pool COMMAND...: run COMMAND (a stage, or a function running stages in order) in the background
+          # once fewer than JOBS run, its stages' output in $OUT/logs/NAME.log; JOBS=1: in the foreground
+  if [ "$JOBS" -le 1 ]; then "$@"; return; fi
+  while true; do reap; [ ${#PIDS[@]} -lt "$JOBS" ] && break; sleep 1; done
+  local threads=$(( $(nproc) / JOBS )); [ $threads -ge 1 ] || threads=1
+  LOGS=$OUT/logs OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} "$@" &
+  PIDS+=($!)
+}
+reap() {  # forget the pooled commands that finished; a failed one stops run.sh here (set -e)
+  local pid alive=()
+  for pid in "${PIDS[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then alive+=("$pid"); else wait "$pid"; fi
+  done
+  PIDS=("${alive[@]}")
+}
+drain() { while true; do reap; [ ${#PIDS[@]} -gt 0 ] || break; sleep 1; done; }  # wait for every pooled command
+# If run.sh stops (a stage failed, or it was killed), the pooled stages still running stop too.
+trap 'for p in "${PIDS[@]}"; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done' EXIT
 
 setup
 MODE=${1:-tiny}
@@ -59,20 +93,24 @@ case $MODE in
     N_TRAIN=${N_TRAIN:-8000} N_TEST=${N_TEST:-400} SFT_STEPS=${SFT_STEPS:-750}
     N_SFT=${N_SFT:-$((N_TRAIN / 4))} N_LABEL=${N_LABEL:-600} RL_STEPS=${RL_STEPS:-150} RL_BATCH=${RL_BATCH:-16}
     [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
-    DATA=$OUT/data SFT=$OUT/sft/final
+    DATA=$OUT/data SFT=$OUT/sft/final CANDIDATES=${CANDIDATES:-16 32}
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
     stage model   $OUT/model/config.json      python -m common.models build-tiny --arch $ARCH --out $OUT/model --max-pixels $PIXELS --seed 0
     stage split   $DATA/rl.json               python -m common.data split $DATA/train.json $N_SFT $DATA/sft.json $DATA/rl.json
     stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
       model=$OUT/model data=$DATA/sft.json output_dir=$OUT/sft max_steps=$SFT_STEPS
-    if [ "$MODE" != ablation ]; then
+    voyager() {  # labels -> the scorer -> the SFT model's answers on the frames it picks
       stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
         model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
       stage voyager $OUT/voyager/voyager.json   python train_voyager.py --config configs/tiny/voyager.yaml \
         model=$SFT labels=$OUT/labels/labels.jsonl output_dir=$OUT/voyager
-    fi
-    stage eval_sft $OUT/eval/sft_uniform/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_uniform
+      for m in $CANDIDATES; do frames voyager $m; done
+    }
+    frames() {  # frames STRATEGY M: the SFT model's 8 frames picked from M uniform candidates (uniform = eval_sft)
+      stage eval_$1_m$2 $OUT/eval/sft_$1_m$2/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_$1_m$2 \
+        frames.strategy=$1 frames.candidates=$2 frames.voyager=$OUT/voyager
+    }
     rl() {  # rl RUN SEED [overrides...]: train RUN (a configs/tiny/ktr.yaml variant) with SEED, evaluate on test
       local run=$1 seed=$2 config=ktr; shift 2
       [ $run = grpo ] && config=grpo
@@ -83,32 +121,37 @@ case $MODE in
       stage eval_$name $OUT/eval/${name}_uniform/summary.json $EVAL model=$OUT/$name/final \
         output_dir=$OUT/eval/${name}_uniform
     }
+    # From here on every stage needs only the SFT model: JOBS at a time (pool), the longest first.
     for seed in $(seq 0 $((RL_SEEDS - 1))); do  # GRPO and KTR: the same budget and seeds (a paired comparison)
-      rl grpo $seed
-      rl ktr $seed
+      pool rl ktr $seed
+      pool rl grpo $seed
     done
     if [ "$MODE" = ablation ]; then  # each signal alone: configs/tiny/ktr.yaml with the other two switched off
       for seed in $(seq 0 $((RL_SEEDS - 1))); do
-        rl ktr_visual $seed attribution.temporal=false attribution.entropy=false
-        rl ktr_temporal $seed attribution.visual=false attribution.entropy=false
-        rl ktr_entropy $seed attribution.visual=false attribution.temporal=false
+        pool rl ktr_visual $seed attribution.temporal=false attribution.entropy=false
+        pool rl ktr_temporal $seed attribution.visual=false attribution.entropy=false
+        pool rl ktr_entropy $seed attribution.visual=false attribution.temporal=false
       done
-      python -m common.results --out $OUT
-      exit 0
+    else
+      pool voyager
     fi
-    stage eval_sft_all $OUT/eval/sft_all/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_all frames.strategy=all
-    # frame selection: the SFT model's 8 frames picked from M = 16 (or 32) uniform candidates; uniform = eval_sft
-    for m in ${CANDIDATES:-16 32}; do
-      for s in retrieval aks dpp voyager; do
-        stage eval_${s}_m$m $OUT/eval/sft_${s}_m$m/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_${s}_m$m \
-          frames.strategy=$s frames.candidates=$m frames.voyager=$OUT/voyager
+    pool stage eval_sft $OUT/eval/sft_uniform/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_uniform
+    if [ "$MODE" != ablation ]; then
+      for m in $CANDIDATES; do
+        for s in retrieval aks dpp; do pool frames $s $m; done
+        if [ -n "${CROSS_VOYAGER:-}" ]; then  # plug and play: a scorer trained on another run's model, its own backbone
+          pool stage eval_voyager_cross_m$m $OUT/eval/sft_voyager_cross_m$m/summary.json $EVAL model=$SFT \
+            output_dir=$OUT/eval/sft_voyager_cross_m$m frames.strategy=voyager frames.candidates=$m \
+            frames.voyager=$CROSS_VOYAGER
+        fi
       done
-      if [ -n "${CROSS_VOYAGER:-}" ]; then  # plug and play: a scorer trained on another run's model, its own backbone
-        stage eval_voyager_cross_m$m $OUT/eval/sft_voyager_cross_m$m/summary.json $EVAL model=$SFT \
-          output_dir=$OUT/eval/sft_voyager_cross_m$m frames.strategy=voyager frames.candidates=$m \
-          frames.voyager=$CROSS_VOYAGER
+      if [ -n "${ALL_FRAMES:-}" ]; then
+        pool stage eval_sft_all $OUT/eval/sft_all/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_all \
+          frames.strategy=all
       fi
-    done
+    fi
+    drain
+    echo "{\"stage\": \"run.sh (wall clock of this call)\", \"seconds\": $SECONDS}" >> "$OUT/timings.jsonl"
     python -m common.results --out $OUT
     ;;
   paper)  # Qwen2.5-VL-7B (or Qwen3-VL-8B): CoT SFT -> GRPO / KTR (ZeRO-3, 8 GPUs) -> label -> Voyager -> benchmarks

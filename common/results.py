@@ -391,7 +391,10 @@ def markdown(results: dict, images: list[str]) -> str:
             lines.append(f"| {stage} | {e['n']} | {'; '.join(e['reasons'][:3])} |")
         lines.append("")
     if results["timings"]:
-        lines += ["## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+        lines += ["## Time per stage (s)", "",
+                  "After SFT, run.sh runs JOBS stages side by side (default 2), so their times overlap; the "
+                  "last row, when there, is the wall clock of the last `run.sh` call.", "",
+                  "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results["timings"].items()] + [""]
     lines += [f"![{img}]({img})" for img in images]
     if results["ktr_tokens"]:

@@ -4,6 +4,7 @@ that two runs give the same numbers), and RESULTS.md says what each stage skippe
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,11 +14,11 @@ from tests.conftest import ROOT
 
 # 16 SFT videos (one SFT batch) and 8 RL videos (two RL batches of 4)
 SMALL = {"N_TRAIN": "24", "N_SFT": "16", "N_TEST": "8", "SFT_STEPS": "4", "N_LABEL": "8", "RL_STEPS": "2",
-         "RL_BATCH": "4", "CANDIDATES": "16", "OMP_NUM_THREADS": "1"}
+         "RL_BATCH": "4", "CANDIDATES": "16", "ALL_FRAMES": "1", "OMP_NUM_THREADS": "1"}
 
 
-def start(out):
-    return subprocess.Popen(["bash", "run.sh"], cwd=ROOT, env={**os.environ, **SMALL, "OUT": str(out)},
+def start(out, **env):
+    return subprocess.Popen(["bash", "run.sh"], cwd=ROOT, env={**os.environ, **SMALL, "OUT": str(out), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -61,8 +62,8 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
     assert "== data: done already" in run_to_end(tmp_path / "a")
     kill_when(tmp_path / "b", "== model:")  # the data stage has finished by then
     break_videos(tmp_path / "b" / "data")
-    kill_when(tmp_path / "b", "== label:")
-    kill_when(tmp_path / "b", "== eval_grpo:")
+    kill_when(tmp_path / "b", "== grpo:")  # after SFT: KTR and GRPO side by side (JOBS=2), killed while training
+    kill_when(tmp_path / "b", "== voyager:")  # the labels are done, other pooled stages are killed mid-way
     output = run_to_end(tmp_path / "b")
     assert "== sft: done already" in output and "== label: done already" in output
     a, b = comparable(tmp_path / "a"), comparable(tmp_path / "b")
@@ -78,3 +79,17 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
     assert a["qa"]["sft"]["n"] == 8 and a["qa"]["sft"]["n_failed"] == 1
     report = (tmp_path / "b" / "RESULTS.md").read_text()
     assert report.count("|") > 20 and "## Skipped inputs" in report and "| labels | 2 |" in report
+    # the pooled stages' output is in OUT/logs, one file per stage
+    assert "grpo: 100%" in (tmp_path / "a" / "logs" / "grpo.log").read_text()
+    assert "run.sh (wall clock of this call)" in json.loads((tmp_path / "a" / "results.json").read_text())["timings"]
+
+    # a pooled stage that fails (here a config error, exit 2) stops run.sh, names its log and shows its end;
+    # its chain goes no further
+    out = tmp_path / "a"
+    for done in (out / "ktr", out / "eval" / "ktr_uniform"):
+        shutil.rmtree(done)
+    proc = start(out, RL_STEPS="-1")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert f"== ktr: FAILED (exit 2); the end of {out}/logs/ktr.log:" in output and "max_steps" in output, output
+    assert "== eval_ktr:" not in output and not (out / "eval" / "ktr_uniform").exists()

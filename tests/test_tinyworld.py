@@ -161,3 +161,23 @@ def test_cli(tmp_path):
         assert (out / name).is_file()
     assert len(list((out / "videos").glob("*.mp4"))) == 8
     assert decode(out / "videos" / "test_000003.mp4").shape == (64, 112, 112, 3)
+
+
+def test_render_equals_a_masked_write_per_frame():
+    """render() writes each object's frames in one indexed assignment; this is the straightforward loop."""
+    def naive(scene, frames, size):
+        video = np.empty((frames, size, size, 3), np.uint8)
+        video[:] = tw.BACKGROUND
+        side = tw._side(size)
+        for o in scene.objects:
+            for t in o.frames():
+                x, y = o.pos(t)
+                video[t, y:y + side, x:x + side][tw._mask(o.shape, side)] = np.array(tw.COLORS[o.color], np.uint8)
+        return video
+
+    for frames, size in ((64, 112), (16, 32)):
+        scenes = [tw.make_scene(3, split, i, frames, size) for split in ("train", "test") for i in range(40)]
+        assert {s.family for s in scenes} == {"appearance", "count", "moment", "order"}
+        assert any(len(s.objects) > 1 for s in scenes)  # overlapping objects: the later one must cover
+        for s in scenes:
+            np.testing.assert_array_equal(tw.render(s, frames, size), naive(s, frames, size))
