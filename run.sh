@@ -53,23 +53,27 @@ stage() {  # stage NAME DONE_MARKER command...: run unless DONE_MARKER exists, r
 # process at 2 threads is 1.3x one at 1 thread), so JOBS of them run side by side, one thread each on 2
 # cores. Their numbers do not change: a stage gives the same results at 1 or 2 threads.
 JOBS=${JOBS:-2}
+THREADS=$(( $(nproc) / JOBS )); [ $THREADS -ge 1 ] || THREADS=1
 PIDS=()
 pool() {  # pool COMMAND...: run COMMAND (a stage, or a function running stages in order) in the background
           # once fewer than JOBS run, its stages' output in $OUT/logs/NAME.log; JOBS=1: in the foreground
   if [ "$JOBS" -le 1 ]; then "$@"; return; fi
-  while true; do reap; [ ${#PIDS[@]} -lt "$JOBS" ] && break; sleep 1; done
-  local threads=$(( $(nproc) / JOBS )); [ $threads -ge 1 ] || threads=1
-  LOGS=$OUT/logs OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} "$@" &
+  wait_below "$JOBS"
+  LOGS=$OUT/logs OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS} "$@" &
   PIDS+=($!)
 }
-reap() {  # forget the pooled commands that finished; a failed one stops run.sh here (set -e)
-  local pid alive=()
-  for pid in "${PIDS[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then alive+=("$pid"); else wait "$pid"; fi
+wait_below() {  # wait_below N: until fewer than N pooled commands run; a failed one stops run.sh here (set -e)
+  local pid alive
+  while true; do
+    alive=()
+    for pid in "${PIDS[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then alive+=("$pid"); else wait "$pid"; fi
+    done
+    PIDS=("${alive[@]}")
+    [ ${#PIDS[@]} -lt "$1" ] && return
+    sleep 1
   done
-  PIDS=("${alive[@]}")
 }
-drain() { while true; do reap; [ ${#PIDS[@]} -gt 0 ] || break; sleep 1; done; }  # wait for every pooled command
 # If run.sh stops (a stage failed, or it was killed), the pooled stages still running stop too.
 trap 'for p in "${PIDS[@]}"; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done' EXIT
 
@@ -150,7 +154,7 @@ case $MODE in
           frames.strategy=all
       fi
     fi
-    drain
+    wait_below 1  # every pooled command has finished
     echo "{\"stage\": \"run.sh (wall clock of this call)\", \"seconds\": $SECONDS}" >> "$OUT/timings.jsonl"
     python -m common.results --out $OUT
     ;;
