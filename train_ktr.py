@@ -4,7 +4,8 @@
     accelerate launch train_ktr.py --config configs/grpo.yaml     # the same with every signal off = GRPO
 
 Each step, for a batch of prompts:
-  rollout      sample G completions per prompt (the visual placeholder tokens can never be generated)
+  rollout      sample G completions per prompt, the prompt encoded once (common.sampling; the visual
+               placeholder tokens can never be generated)
   rewards      accuracy + format (+ optional length bonus) -> group-normalised advantages
   attribution  per completion token: visual score  = logp(real) - logp(visual tokens removed)
                                      temporal score = logp(real) - logp(temporal patches shuffled)
@@ -53,7 +54,6 @@ from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_
 from common.jsonl import append_jsonl, drop_steps_after, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
 from common.models import (
-    generate_exact,
     load_model,
     load_processor,
     model_inputs,
@@ -71,6 +71,7 @@ from common.report import (
     write_attribution_html,
 )
 from common.rewards import accuracy_reward, format_reward, length_reward
+from common.sampling import sample_completions
 
 
 @dataclass
@@ -225,13 +226,11 @@ def sample_groups(model, processor, eos_ids: list[int], cfg: Config, batch: list
     """G completions per prompt, sampled with exactly the config's decoding (the visual placeholders
     banned), decoded and rewarded. Returns the groups and the batch's processor inputs (left-padded)."""
     prompt_inputs = model_inputs(processor, [build_prompt(s) for s in batch], visuals).to(model.device)
-    generated = generate_exact(model, prompt_inputs, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-                               temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                               num_return_sequences=cfg.num_generations,
-                               bad_words_ids=[[t] for t in visual_tokens(model.config).placeholders],
-                               synced_gpus=False)
-    model.model.rope_deltas = None
-    completion_ids = generated[:, prompt_inputs["input_ids"].shape[1]:].cpu()
+    # What generate(num_return_sequences=G) samples, token for token, with each prompt encoded once.
+    completion_ids = sample_completions(
+        model, prompt_inputs, cfg.num_generations, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids,
+        pad_token_id=processor.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        banned_ids=visual_tokens(model.config).placeholders).cpu()
     lengths = completion_mask_from(completion_ids, eos_ids).sum(dim=1).tolist()
     completions = [processor.tokenizer.decode(row[:n], skip_special_tokens=True)
                    for row, n in zip(completion_ids.tolist(), lengths, strict=True)]

@@ -371,8 +371,9 @@ def position_ids(model, inputs: Mapping) -> torch.Tensor:
     if not visual_layout(model).mrope:
         return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
     positions, _ = model.model.get_rope_index(
-        ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=inputs.get("video_grid_thw"),
-        second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"])
+        ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"), second_per_grid_ts=inputs.get("second_per_grid_ts"),
+        attention_mask=inputs["attention_mask"])
     return positions
 
 
