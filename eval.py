@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from common.config import parse_config, require, save_config
-from common.data import Sample, build_prompt, load_samples, solution_answer
+from common.data import Sample, build_prompt, load_samples, require_some_media, solution_answer
 from common.frames import FramesConfig, load_visual, make_selector
 from common.jsonl import append_jsonl, merge_shards, read_jsonl, write_json
 from common.launch import make_accelerator
@@ -209,6 +209,7 @@ def print_table(summary: dict, title: str) -> None:
 def main() -> None:
     cfg = parse_config(Config)
     samples = load_samples(cfg.data, cfg.media_root or None)[: cfg.limit or None]
+    require_some_media(samples, cfg.data)
     accelerator = make_accelerator()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.config import parse_config, require, save_config
-from common.data import Sample, build_prompt, build_target, load_samples
+from common.data import Sample, build_prompt, build_target, load_samples, require_some_media
 from common.frames import FramesConfig, require_pixel_budget
 from common.jsonl import append_jsonl, merge_shards, read_jsonl, write_json
 from common.launch import make_accelerator
@@ -354,6 +354,7 @@ def main() -> None:
     cfg = parse_config(Config)
     torch.manual_seed(cfg.seed)
     samples = load_samples(cfg.data, cfg.media_root or None)
+    require_some_media(samples, cfg.data)
     if cfg.families:
         samples = [s for s in samples if s.question_family in cfg.families]
     samples = samples[: cfg.limit or None]

@@ -48,7 +48,7 @@ from common.attribution import (
 )
 from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
 from common.config import parse_config, require, save_config
-from common.data import Sample, build_prompt, epoch_batches, load_samples
+from common.data import Sample, build_prompt, epoch_batches, load_samples, require_some_media
 from common.frames import FramesConfig, load_batch, make_selector
 from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
 from common.jsonl import append_jsonl, drop_steps_after, read_jsonl, write_json
@@ -308,6 +308,7 @@ def main() -> None:
     accelerator = make_accelerator(mixed_precision="bf16" if cfg.bf16 else "no",
                                    log_with=cfg.trackers or None, project_dir=str(out))
     samples = load_samples(cfg.data, cfg.media_root or None)
+    require_some_media(samples, cfg.data)
     select = make_selector(cfg.frames)
     if accelerator.is_main_process:
         save_config(cfg, out)

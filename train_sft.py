@@ -23,7 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
 from common.config import parse_config, require, save_config
-from common.data import build_prompt, build_target, epoch_batches, load_samples
+from common.data import build_prompt, build_target, epoch_batches, load_samples, require_some_media
 from common.frames import FramesConfig, load_batch, make_selector
 from common.jsonl import append_jsonl, drop_steps_after
 from common.launch import configure_deepspeed, make_accelerator
@@ -89,6 +89,7 @@ def main() -> None:
                                    project_dir=str(out))
     torch.manual_seed(cfg.seed)
     samples = load_samples(cfg.data, cfg.media_root or None)
+    require_some_media(samples, cfg.data)
     select = make_selector(cfg.frames)
     if accelerator.is_main_process:
         save_config(cfg, out)

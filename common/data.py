@@ -13,6 +13,7 @@ benchmark folder holding its JSON and its videos works as it is.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,15 @@ def load_samples(path: str | Path, media_root: str | Path | None = None) -> list
         seen[sample.problem_id] = where
         samples.append(sample)
     return samples
+
+
+def require_some_media(samples: list[Sample], path: str | Path) -> None:
+    """Raise when not one of the samples' media files exists. A missing file is a broken video, which
+    the stages record and skip; but when none exists, the paths or media_root are wrong, and a stage
+    would run to the end on nothing. Stops at the first file found."""
+    if samples and not any(s.path.exists() for s in samples):
+        raise DataError(f"{path}: none of its {len(samples)} media files exists (the first: {samples[0].path}); "
+                        f"relative paths resolve against the data file's folder, or media_root when set")
 
 
 def _validate(raw: Any, where: str, root: Path) -> Sample:
@@ -175,13 +185,17 @@ def epoch_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epo
 
 def split_records(path: str | Path, n_first: int, first: str | Path, rest: str | Path) -> tuple[int, int]:
     """Write the first `n_first` records of a Video-R1 JSON list to `first` and the others to `rest`.
-    Both should sit next to `path`, so that relative media paths still resolve. The tiny default
-    uses it for the paper's data shape: SFT with reasoning on a part, RL with answers on the rest."""
-    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    A relative media path is rewritten relative to the folder of the file it goes to, so it names the
+    same file wherever `first` and `rest` are written (unchanged when they sit next to `path`). The tiny
+    default uses it for the paper's data shape: SFT with reasoning on a part, RL with answers on the rest."""
+    path = Path(path)
+    records = json.loads(path.read_text(encoding="utf-8"))
     if not 0 < n_first < len(records):
         raise ValueError(f"{path}: cannot split {len(records)} records after the first {n_first}")
-    for out, part in ((first, records[:n_first]), (rest, records[n_first:])):
-        Path(out).write_text(json.dumps(part, indent=1) + "\n", encoding="utf-8")
+    for out, part in ((Path(first), records[:n_first]), (Path(rest), records[n_first:])):
+        moved = [r if Path(r["path"]).is_absolute() else
+                 {**r, "path": os.path.relpath(path.parent / r["path"], out.parent)} for r in part]
+        out.write_text(json.dumps(moved, indent=1) + "\n", encoding="utf-8")
     return n_first, len(records) - n_first
 
 

@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from common.data import DataError, build_prompt, build_target, load_samples, solution_answer
+from common.data import (
+    DataError,
+    build_prompt,
+    build_target,
+    load_samples,
+    require_some_media,
+    solution_answer,
+    split_records,
+)
 
 RECORD = {
     "problem_id": 7, "problem": "What colour is the circle?", "data_type": "video",
@@ -34,6 +42,33 @@ def test_paths_resolve_against_data_dir_by_default_and_media_root_when_given(tmp
     data.write_text(json.dumps([record()]))
     assert load_samples(data)[0].path == (tmp_path / "bench" / "videos" / "a.mp4").resolve()
     assert load_samples(data, media_root=tmp_path / "media")[0].path == (tmp_path / "media/videos/a.mp4").resolve()
+
+
+def test_split_keeps_media_paths_resolving_wherever_the_parts_go(tmp_path):
+    data = tmp_path / "world" / "train.json"
+    (data.parent / "videos").mkdir(parents=True)
+    records = [record(problem_id=i, path=f"videos/{i}.mp4") for i in range(3)] + [
+        record(problem_id=3, path=str(tmp_path / "elsewhere.mp4"))]
+    data.write_text(json.dumps(records))
+    expected = [s.path for s in load_samples(data)]
+    for folder in (data.parent, tmp_path / "runs" / "exp"):  # next to the input, and somewhere else
+        folder.mkdir(parents=True, exist_ok=True)
+        assert split_records(data, 1, folder / "a.json", folder / "b.json") == (1, 3)
+        assert [s.path for s in load_samples(folder / "a.json") + load_samples(folder / "b.json")] == expected
+    # Next to the input the records are unchanged; an absolute path is never rewritten.
+    assert json.loads((data.parent / "b.json").read_text()) == records[1:]
+    assert json.loads((tmp_path / "runs/exp/b.json").read_text())[-1]["path"] == str(tmp_path / "elsewhere.mp4")
+
+
+def test_a_data_file_none_of_whose_media_exists_is_refused_by_name(tmp_path):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([record(problem_id=1), record(problem_id=2, path="videos/b.mp4")]))
+    samples = load_samples(data)  # parsing alone does not look at the files
+    with pytest.raises(DataError, match=r"d\.json: none of its 2 media files exists \(the first: .*videos/a\.mp4\)"):
+        require_some_media(samples, data)
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "b.mp4").write_bytes(b"")  # one file there: missing ones are broken videos, skipped
+    require_some_media(samples, data)
 
 
 @pytest.mark.parametrize(

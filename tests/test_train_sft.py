@@ -82,6 +82,13 @@ def test_broken_video_is_recorded_and_skipped_or_stops_the_run(tiny_model_dir, t
     proc = subprocess.run([sys.executable, "train_sft.py", *base, f"output_dir={tmp_path / 'stop'}",
                            "on_bad_video=stop"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and record["path"].split("/")[-1] in proc.stderr
+    # A data file none of whose videos exists (a copy moved away from its videos) is refused, not "trained" on.
+    moved = tmp_path / "moved.json"
+    shutil.copy(data / "train.json", moved)
+    proc = subprocess.run([sys.executable, "train_sft.py", *base, f"data={moved}", f"output_dir={tmp_path / 'moved'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "moved.json: none of its 8 media files exists" in proc.stderr
+    assert not (tmp_path / "moved" / "final").exists()
 
 
 def test_deepspeed_zero3_trains_with_accumulation_and_saves_a_whole_model(tiny_model_dir, tiny_world_dir, tmp_path):
