@@ -193,7 +193,7 @@ def split_records(path: str | Path, n_first: int, first: str | Path, rest: str |
     if not 0 < n_first < len(records):
         raise ValueError(f"{path}: cannot split {len(records)} records after the first {n_first}")
     for out, part in ((Path(first), records[:n_first]), (Path(rest), records[n_first:])):
-        moved = [r if Path(r["path"]).is_absolute() else
+        moved = [r if "path" not in r or Path(r["path"]).is_absolute() else
                  {**r, "path": os.path.relpath(path.parent / r["path"], out.parent)} for r in part]
         out.write_text(json.dumps(moved, indent=1) + "\n", encoding="utf-8")
     return n_first, len(records) - n_first
