@@ -43,6 +43,7 @@ from common.grpo import token_logps_and_entropy
 from common.models import embed_visual, encode_visual, visual_layout, visual_tokens
 
 TEMPORAL_MODES = ("shuffle", "reverse", "segment_shuffle", "frame_shuffle")
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 @dataclass
@@ -111,9 +112,7 @@ def build_rollout(model, prompt_inputs: dict, completion_ids: torch.Tensor, grou
         completion_mask = F.pad(completion_mask, (0, extra), value=False)
     input_ids = torch.cat([repeat(prompt_inputs["input_ids"]), completion_ids], dim=1)
     attention_mask = torch.cat([repeat(prompt_inputs["attention_mask"]), completion_mask.long()], dim=1)
-    visual = {k: v for k, v in prompt_inputs.items()
-              if k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                       "second_per_grid_ts")}
+    visual = {k: v for k, v in prompt_inputs.items() if k in VISUAL_KEYS}
     if visual_layout(model).mrope:
         token_types = torch.cat([repeat(prompt_inputs["mm_token_type_ids"]), torch.zeros_like(
             completion_ids, dtype=prompt_inputs["mm_token_type_ids"].dtype)], 1)

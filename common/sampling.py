@@ -25,10 +25,8 @@ from collections.abc import Mapping
 
 import torch
 
-from common.attribution import embed_inputs, visual_features
+from common.attribution import VISUAL_KEYS, embed_inputs, visual_features
 from common.models import position_ids, visual_layout
-
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def prompt_positions(model, inputs: Mapping) -> torch.Tensor:
@@ -97,7 +95,6 @@ def sample_completions(model, inputs: Mapping, group_size: int, *, max_new_token
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = lm(inputs_embeds=embed(token[:, None]), position_ids=last + 1 + t, attention_mask=mask, cache=cache,
-                 use_cache=True)
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+                 use_cache=True)  # appends this step's keys and values to `cache` in place
         hidden = out.last_hidden_state[:, -1]
     return torch.stack(tokens, dim=1)
