@@ -284,8 +284,15 @@ class VoyagerSelector:
         if same:
             self.model, self.processor = model, processor
         else:
-            self.model = load_model(spec.backbone, device=None if model is None else model.device).eval()
-            self.processor = load_processor(spec.backbone)
+            backbone = spec.backbone
+            if not Path(backbone).is_dir() and (backbone.startswith((".", "/")) or backbone.count("/") != 1):
+                raise FileNotFoundError(
+                    f"{Path(directory) / CONFIG_NAME}: 'backbone' {backbone!r} is not a folder (a relative path is "
+                    f"read from the working directory, {Path.cwd()}). The answering model is not the one these heads "
+                    "were trained on, so the scorer needs its own backbone: run from where train_voyager.py ran, or "
+                    "set 'backbone' to the model's path")
+            self.model = load_model(backbone, device=None if model is None else model.device).eval()
+            self.processor = load_processor(backbone)
         if spec.max_pixels and video_max_pixels(self.processor) != spec.max_pixels:
             # The heads learned features at the training resolution; the answering model's budget may differ.
             self.processor = copy.deepcopy(self.processor)

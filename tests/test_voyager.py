@@ -4,6 +4,7 @@ save/load round trip with its backbone check, and label -> train -> eval.py (voy
 import copy
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -212,6 +213,13 @@ def test_a_scorer_picks_frames_for_another_familys_model(trained, tiny_world_dir
     assert len(rows) == 4
     for row in rows:
         assert row["frame_indices"] == select(samples[row["problem_id"]]).indices
+    # a scorer whose backbone path does not resolve here says so, naming its file and key
+    moved = out / "voyager_moved"
+    shutil.copytree(out / "voyager", moved, dirs_exist_ok=True)
+    spec = json.loads((moved / "voyager.json").read_text())
+    (moved / "voyager.json").write_text(json.dumps({**spec, "backbone": "runs_elsewhere/sft/final"}))
+    with pytest.raises(FileNotFoundError, match=r"moved/voyager\.json: 'backbone' 'runs_elsewhere/sft/final' is not"):
+        VoyagerSelector(str(moved), candidates=12, num=3)
 
 
 def test_retrieval_with_a_clip_model_keeps_the_most_similar_frames(tiny_world_dir, tmp_path):
