@@ -82,7 +82,8 @@ MODE=${1:-tiny}
 case $MODE in
   test)
     ruff check .
-    exec python -m pytest -n ${TEST_WORKERS:-2} --dist loadfile --no-loadscope-reorder tests  # whole files per worker
+    # whole files per worker; the 15 slowest tests are listed at the end (the suite should stay under 15 min)
+    exec python -m pytest -n ${TEST_WORKERS:-2} --dist loadfile --no-loadscope-reorder --durations=15 tests
     ;;
   tiny|ablation)  # synthetic world -> tiny model -> SFT -> labels -> Voyager -> GRPO / KTR -> evaluations
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).

@@ -8,7 +8,8 @@ training-free AKS (relevance + coverage) and DPP (relevance + diversity) choose 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,10 +17,10 @@ import numpy as np
 
 from common.config import require
 from common.data import Sample
-from common.video import Clip, VideoError, read_frames
+from common.video import Clip, VideoError, probe, read_frames, uniform_indices
 
-Strategy = Literal["uniform", "fps", "all", "voyager", "retrieval", "aks", "dpp"]
-CANDIDATE_STRATEGIES = ("voyager", "retrieval", "aks", "dpp")  # choose T of M uniform candidates
+Strategy = Literal["uniform", "evidence", "fps", "all", "random", "voyager", "retrieval", "aks", "dpp"]
+CANDIDATE_STRATEGIES = ("random", "voyager", "retrieval", "aks", "dpp")  # choose T of M uniform candidates
 
 
 @dataclass
@@ -37,6 +38,7 @@ class FramesConfig:
     candidates: int = 16  # M candidate frames scored by voyager / retrieval / aks / dpp
     voyager: str = ""  # directory of a trained Frame-Voyager (voyager.json + voyager.safetensors)
     retrieval_model: str = ""  # CLIP/SigLIP path for retrieval / aks / dpp; empty = the answering model's embeddings
+    seed: int = 0  # strategy=random: the draws depend on (seed, epoch, problem_id) only
 
     def validate(self, prefix: str = "frames") -> None:
         require(self.num > 0, f"{prefix}.num", f"must be > 0, got {self.num}")
@@ -78,6 +80,10 @@ def make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
                                           min_frames=cfg.min_frames or None)
     if cfg.strategy == "all":
         return lambda sample: read_frames(sample.path, max_frames=cfg.max_frames)
+    if cfg.strategy == "evidence":
+        return lambda sample: read_evidence_frames(sample, cfg.num)
+    if cfg.strategy == "random":
+        return RandomSubsetSelector(cfg.candidates, cfg.num, cfg.seed)
     if cfg.strategy == "voyager":  # the scorer (and its backbone, if not the answering model) loads once, here
         from common.voyager import VoyagerSelector
 
@@ -93,6 +99,61 @@ def make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
         cls = AKSSelector if cfg.strategy == "aks" else DPPSelector
         return cls(cfg.candidates, cfg.num, model=model, processor=processor, retrieval_model=cfg.retrieval_model)
     raise ValueError(f"unknown frames.strategy={cfg.strategy!r}")
+
+
+def evidence_indices(total_frames: int, num: int, evidence: Sequence[int]) -> list[int]:
+    """Uniform frames that include an annotated evidence frame (`frames.strategy=evidence`).
+
+    When no uniform frame shows the evidence, the one nearest the middle evidence frame moves onto it: the others
+    keep their places, so the spacing stays uniform but for one frame. Without evidence in range, or with it
+    already seen, uniform_indices as they are. In SFT this trains a model only on answers it can see (uniform
+    frames miss a brief event, and its reasoning then names what no frame shows); in evaluation it is the
+    oracle that shows what finding the evidence is worth.
+    """
+    indices = uniform_indices(total_frames, num)
+    inside = sorted(e for e in set(evidence) if 0 <= e < total_frames)
+    if not inside or set(inside) & set(indices):
+        return indices
+    target = inside[len(inside) // 2]
+    nearest = min(range(num), key=lambda j: (abs(indices[j] - target), j))
+    indices[nearest] = target  # strictly between its neighbours: a nearer neighbour would be the nearest
+    return indices
+
+
+def read_evidence_frames(sample: Sample, num: int) -> Clip:
+    total = probe(sample.path)[0]
+    indices = evidence_indices(total, num, sample.evidence_frames or [])
+    if indices == uniform_indices(total, num):  # also a short video's repeated frames, as uniform reads them
+        return read_frames(sample.path, num_frames=num)
+    return read_frames(sample.path, indices=indices)
+
+
+class RandomSubsetSelector:
+    """T of M uniform candidates drawn at random, in temporal order, with their true timestamps.
+
+    The draw is a function of (seed, epoch, problem_id) alone, so a resumed run draws what an uninterrupted
+    one does, and every process draws the same for a sample. A trainer calls `set_epoch(e)` at each epoch
+    (as with torch's DistributedSampler) to get new subsets; an evaluation keeps epoch 0. Training on these
+    (`frames.strategy=random` in SFT) shows a model the uneven frame spacing that the selectors produce at
+    test time; as a test-time strategy it is the control that any selector should beat.
+    """
+
+    def __init__(self, candidates: int, num: int, seed: int = 0):
+        self.candidates, self.num, self.seed, self.epoch = candidates, num, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def positions(self, problem_id: str, m: int) -> list[int]:
+        """Sorted positions of `num` of the `m` candidates for this sample and epoch."""
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(str(problem_id).encode())])
+        return sorted(rng.choice(m, size=self.num, replace=False).tolist())
+
+    def __call__(self, sample: Sample) -> Clip:
+        from common.voyager import pick_frames
+
+        return pick_frames(sample, self.candidates, self.num,
+                           lambda clip, query: self.positions(sample.problem_id, len(clip.indices)))
 
 
 def read_image(path) -> np.ndarray:

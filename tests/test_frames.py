@@ -8,7 +8,7 @@ import pytest
 
 from common.config import ConfigError, load_config
 from common.data import Sample
-from common.frames import FramesConfig, make_selector
+from common.frames import FramesConfig, evidence_indices, make_selector
 from common.tinyworld import encode
 from common.video import fps_indices, qwen_frame_count, read_frames, uniform_indices
 
@@ -108,3 +108,58 @@ def test_paper_configs_carry_the_reference_frame_recipe():
     assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens) == (0.1, 0.001, 0, 1024)
     tiny = load_config(eval_stage.Config, root / "tiny" / "eval.yaml", validate=False)
     assert tiny.temperature == 0 and tiny.frames.max_pixels == 0  # the tiny default stays greedy, saved resolution
+
+
+def video_sample(path: Path, problem_id: str) -> Sample:
+    return Sample(problem_id=problem_id, problem="q", data_type="video", problem_type="multiple choice",
+                  solution="<answer>A</answer>", path=path)
+
+
+def test_random_strategy_draws_sorted_subsets_of_the_candidates_from_seed_epoch_and_id(videos):
+    cfg = FramesConfig(strategy="random", num=8, candidates=16, seed=3)
+    candidates = uniform_indices(200, 16)
+    draws = {}
+    for epoch in range(3):
+        for pid in ("a", "b", "c"):
+            select = make_selector(cfg)  # a fresh selector, as a resumed run has
+            select.set_epoch(epoch)
+            clip = select(video_sample(videos["long"], pid))
+            assert len(clip.indices) == 8 == len(set(clip.indices)) and clip.indices == sorted(clip.indices)
+            assert set(clip.indices) <= set(candidates)
+            assert clip.timestamps == [i / 8 for i in clip.indices]  # the true times of the frames kept
+            np.testing.assert_array_equal(clip.frames, read_frames(videos["long"], indices=clip.indices).frames)
+            assert select(video_sample(videos["long"], pid)).indices == clip.indices  # the same draw again
+            draws[epoch, pid] = clip.indices
+    assert len(set(map(tuple, draws.values()))) == 9  # each (epoch, id) its own subset
+    other_seed = make_selector(FramesConfig(strategy="random", num=8, candidates=16, seed=4))
+    assert other_seed(video_sample(videos["long"], "a")).indices != draws[0, "a"]
+    # a video with no more frames than T gives them all, as uniform does
+    assert make_selector(cfg)(video_sample(videos["tiny"], "a")).indices == uniform_indices(3, 8)
+    with pytest.raises(ConfigError, match=r"frames\.num: T=17 must be <= frames\.candidates M=16"):
+        FramesConfig(strategy="random", num=17, candidates=16).validate()
+
+
+@pytest.mark.parametrize("total, num, evidence, expected", [
+    (64, 8, [10, 11, 12], [4, 12, 20, 28, 36, 44, 52, 60]),  # already seen: uniform as it is
+    (64, 8, [], [4, 12, 20, 28, 36, 44, 52, 60]),  # nothing annotated
+    (64, 8, [70, 80], [4, 12, 20, 28, 36, 44, 52, 60]),  # nothing in range
+    (64, 8, [9, 10, 11], [4, 10, 20, 28, 36, 44, 52, 60]),  # 12 is nearest the middle frame 10
+    (64, 8, [16], [4, 16, 20, 28, 36, 44, 52, 60]),  # a tie (12 and 20): the earlier frame moves
+    (64, 8, [62, 63], [4, 12, 20, 28, 36, 44, 52, 63]),
+    (64, 8, [0, 1], [1, 12, 20, 28, 36, 44, 52, 60]),
+])
+def test_evidence_indices_move_the_nearest_uniform_frame_onto_the_evidence(total, num, evidence, expected):
+    assert evidence_indices(total, num, evidence) == expected
+
+
+def test_evidence_strategy_reads_those_frames_and_falls_back_to_uniform(videos):
+    select = make_selector(FramesConfig(strategy="evidence", num=8))
+    sample = video_sample(videos["long"], "a")  # 200 frames: uniform 12, 37, 62, ...
+    assert select(sample).indices == uniform_indices(200, 8)  # no annotation
+    sample.evidence_frames = [40, 41, 42]
+    clip = select(sample)
+    assert clip.indices == [12, 41, 62, 87, 112, 137, 162, 187] and clip.timestamps == [i / 8 for i in clip.indices]
+    np.testing.assert_array_equal(clip.frames, read_frames(videos["long"], indices=clip.indices).frames)
+    short = video_sample(videos["tiny"], "b")  # 3 frames for 8: repeated, as uniform reads them
+    short.evidence_frames = [1]
+    assert select(short).indices == uniform_indices(3, 8)
