@@ -30,6 +30,7 @@ def make_accelerator(**kwargs):
 
     cpu = not torch.cuda.is_available()
     if cpu and deepspeed_requested():
+        skip_cpu_shm_op()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             PartialState(backend="gloo")
         cpu = False
@@ -39,6 +40,16 @@ def make_accelerator(**kwargs):
                       + (f" ZeRO-{plugin.zero_stage}" if plugin is not None else "")
                       + f", {accelerator.num_processes} process(es) on {accelerator.device.type}")
     return accelerator
+
+
+def skip_cpu_shm_op() -> None:
+    """DeepSpeed on the CPU compiles a shared-memory all-reduce op (C++, about 2.5 min) the first time each
+    environment starts it. It only speeds up CPU collectives, and the CPU runs here are rehearsals of the
+    GPU path (tests, ZeRO-3 on gloo ranks), so mark it unavailable: DeepSpeed then uses torch.distributed
+    (gloo), as it does on machines where the op cannot build. GPUs never use this op."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
