@@ -51,6 +51,7 @@ class Config:
     bf16: bool = False
     gradient_checkpointing: bool = False
     freeze_vision: bool = False  # freeze the vision encoder (Qwen-VL: blocks + merger; LLaVA: tower, not projector)
+    vision_lr: float = 0.0  # peak lr of the vision encoder when it trains; 0 = lr (one group)
     attn_implementation: str = ""
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the final one
     keep_checkpoints: int = 2
@@ -66,10 +67,23 @@ class Config:
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.vision_lr >= 0, "vision_lr", f"must be >= 0 (0 = lr), got {self.vision_lr}")
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         require(self.on_bad_video in ("skip", "stop"), "on_bad_video", "must be skip or stop")
         require(set(self.trackers) <= set(TRACKERS), "trackers", f"each must be one of {TRACKERS}, got {self.trackers}")
         self.frames.validate()
+
+
+def param_groups(model, vision_lr: float = 0.0) -> list[dict]:
+    """The trainable parameters as optimizer groups: one group, or (vision_lr > 0) the vision encoder's
+    own group at vision_lr and the rest at the optimizer's lr. The schedule scales both alike."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not vision_lr:
+        return [{"params": trainable}]
+    vision = {id(p) for p in model.get_encoder("video").parameters()}
+    groups = [{"params": [p for p in trainable if id(p) not in vision]},
+              {"params": [p for p in trainable if id(p) in vision], "lr": vision_lr}]
+    return [g for g in groups if g["params"]]  # frozen vision: no group of its own
 
 
 def supervised_labels(input_ids: torch.Tensor, target_lengths: list[int]) -> torch.Tensor:
@@ -104,8 +118,7 @@ def main() -> None:
         model.config.use_cache = False
     if cfg.freeze_vision:
         model.get_encoder("video").requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.vision_lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes, 0, cfg.seed, 0))
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch / cfg.grad_accum)
     require(steps_per_epoch > 0, "batch_size", f"{len(samples)} samples are fewer than one global batch")

@@ -8,7 +8,9 @@ training-free AKS (relevance + coverage) and DPP (relevance + diversity) choose 
 
 from __future__ import annotations
 
+import os
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -39,11 +41,16 @@ class FramesConfig:
     voyager: str = ""  # directory of a trained Frame-Voyager (voyager.json + voyager.safetensors)
     retrieval_model: str = ""  # CLIP/SigLIP path for retrieval / aks / dpp; empty = the answering model's embeddings
     seed: int = 0  # strategy=random: the draws depend on (seed, epoch, problem_id) only
+    # Decoded frames kept in memory (MiB, least recently used out first) for the strategies that read the same
+    # frames of a video every time (uniform, fps, all, evidence): a multi-epoch SFT then decodes each video
+    # once. 0 = off. Costs frames x H x W x 3 bytes per video (8 x 112 x 112: 0.3 MiB).
+    cache_mb: int = 0
 
     def validate(self, prefix: str = "frames") -> None:
         require(self.num > 0, f"{prefix}.num", f"must be > 0, got {self.num}")
         require(self.fps > 0, f"{prefix}.fps", f"must be > 0, got {self.fps}")
         require(self.max_frames > 0, f"{prefix}.max_frames", f"must be > 0, got {self.max_frames}")
+        require(self.cache_mb >= 0, f"{prefix}.cache_mb", f"must be >= 0 (0 = off), got {self.cache_mb}")
         require(self.min_frames >= 0, f"{prefix}.min_frames", f"must be >= 0 (0 = off), got {self.min_frames}")
         if self.min_frames:
             require(self.min_frames <= self.max_frames, f"{prefix}.min_frames",
@@ -73,6 +80,45 @@ def make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
     `model` / `processor` are the answering Video-LLM, which retrieval / aks / dpp may use for its embeddings
     when no CLIP/SigLIP model is configured; the simple strategies ignore them.
     """
+    select = _make_selector(cfg, model, processor)
+    if cfg.cache_mb and cfg.strategy in ("uniform", "fps", "all", "evidence"):
+        return ClipCache(select, cfg.cache_mb * 2**20)
+    return select
+
+
+class ClipCache:
+    """A selector that remembers its clips, up to `max_bytes` of frames (least recently used out first).
+
+    Only for selectors whose clip is a function of the video file alone (and the fixed config): the key is
+    the path with its size and modification time, so a file rewritten in place is read again. Cached frames
+    are read-only, so a caller that would change them in place fails instead of corrupting later reads.
+    A video that fails is not cached: it fails (and is recorded) every time it comes up, as without a cache.
+    """
+
+    def __init__(self, select: Selector, max_bytes: int):
+        self.select, self.max_bytes, self.bytes = select, max_bytes, 0
+        self.clips: OrderedDict[tuple, Clip] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def __call__(self, sample: Sample) -> Clip:
+        st = os.stat(sample.path) if os.path.exists(sample.path) else None
+        key = (str(sample.path), st and st.st_size, st and st.st_mtime_ns, tuple(sample.evidence_frames or ()))
+        if key in self.clips:
+            self.hits += 1
+            self.clips.move_to_end(key)
+            return self.clips[key]
+        self.misses += 1
+        clip = self.select(sample)
+        if clip.frames.nbytes <= self.max_bytes:
+            clip.frames.setflags(write=False)
+            self.clips[key] = clip
+            self.bytes += clip.frames.nbytes
+            while self.bytes > self.max_bytes:
+                self.bytes -= self.clips.popitem(last=False)[1].frames.nbytes
+        return clip
+
+
+def _make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
     if cfg.strategy == "uniform":
         return lambda sample: read_frames(sample.path, num_frames=cfg.num)
     if cfg.strategy == "fps":

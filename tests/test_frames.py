@@ -10,7 +10,7 @@ from common.config import ConfigError, load_config
 from common.data import Sample
 from common.frames import FramesConfig, evidence_indices, make_selector
 from common.tinyworld import encode
-from common.video import fps_indices, qwen_frame_count, read_frames, uniform_indices
+from common.video import VideoError, fps_indices, qwen_frame_count, read_frames, uniform_indices
 
 
 def write_video(path: Path, frames: int, fps: int) -> Path:
@@ -83,6 +83,7 @@ def test_min_frames_needs_fps_and_positive_values(videos):
     (dict(min_frames=1, max_frames=1), r"frames\.min_frames: 1 must be <= |frames\.max_frames: must be >= 2"),
     (dict(max_pixels=100), r"frames\.max_pixels: must be 0 \(processor default\) or >= 784"),
     (dict(image_max_pixels=-5), r"frames\.image_max_pixels: must be 0"),
+    (dict(cache_mb=-1), r"frames\.cache_mb: must be >= 0"),
 ])
 def test_bad_frame_values_name_the_key(values, message):
     cfg = FramesConfig(strategy="fps", max_frames=16)
@@ -163,3 +164,49 @@ def test_evidence_strategy_reads_those_frames_and_falls_back_to_uniform(videos):
     short = video_sample(videos["tiny"], "b")  # 3 frames for 8: repeated, as uniform reads them
     short.evidence_frames = [1]
     assert select(short).indices == uniform_indices(3, 8)
+
+
+def test_clip_cache_returns_the_same_frames_reads_each_video_once_and_stays_within_its_bytes(tmp_path, videos):
+    import os
+
+    from common.frames import ClipCache
+
+    reads = []
+    plain = make_selector(FramesConfig(num=4))
+
+    def counting(sample):
+        reads.append(sample.path)
+        return plain(sample)
+
+    clip_bytes = plain(video_sample(videos["long"], "x")).frames.nbytes  # 4 x 32 x 32 x 3
+    cache = ClipCache(counting, max_bytes=2 * clip_bytes)  # room for two clips
+    a, b, c = (video_sample(videos[k], k) for k in ("long", "mid", "short"))
+    for sample in (a, b, a, b):
+        clip = cache(sample)
+        np.testing.assert_array_equal(clip.frames, plain(sample).frames)
+        assert clip.indices == plain(sample).indices
+    assert len(reads) == 2 and (cache.hits, cache.misses) == (2, 2)
+    with pytest.raises(ValueError):  # cached frames are read-only: an in-place change cannot reach later reads
+        cache(a).frames[0, 0, 0, 0] = 1
+    cache(c)  # a third clip evicts the least recently used one (b), and the bytes stay within the budget
+    assert cache.bytes <= 2 * clip_bytes and len(cache.clips) == 2
+    cache(b)
+    assert reads[-1] == b.path and len(reads) == 4
+    # a file rewritten in place is read again
+    moved = write_video(tmp_path / "v.mp4", 40, 8)
+    d = video_sample(moved, "d")
+    assert cache(d).indices == uniform_indices(40, 4)
+    write_video(moved, 80, 8)
+    os.utime(moved, ns=(os.stat(moved).st_mtime_ns + 10**9,) * 2)
+    assert cache(d).indices == uniform_indices(80, 4)
+    np.testing.assert_array_equal(cache(d).frames, plain(d).frames)
+    # a broken video raises every time it comes up, and is never cached
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    for _ in range(2):
+        with pytest.raises(VideoError):
+            cache(video_sample(broken, "e"))
+    # the config switch: on for the strategies that read the same frames every time, off for the others
+    assert isinstance(make_selector(FramesConfig(num=4, cache_mb=64)), ClipCache)
+    assert not isinstance(make_selector(FramesConfig(strategy="random", num=4, cache_mb=64)), ClipCache)
+    assert not isinstance(make_selector(FramesConfig(num=4)), ClipCache)

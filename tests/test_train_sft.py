@@ -12,7 +12,7 @@ from common.frames import FramesConfig, make_selector
 from common.jsonl import read_jsonl
 from common.models import load_model, load_processor, model_inputs
 from tests.conftest import ROOT
-from train_sft import supervised_labels
+from train_sft import param_groups, supervised_labels
 
 
 def test_only_the_answer_and_eos_are_supervised(tiny_arch_dir, tiny_world_dir):
@@ -35,6 +35,27 @@ def sft(args):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def test_vision_lr_puts_the_vision_encoder_in_its_own_group(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    vision = {id(p) for p in model.get_encoder("video").parameters()}
+    assert [len(g["params"]) for g in param_groups(model)] == [len(list(model.parameters()))]
+    groups = param_groups(model, vision_lr=1e-5)
+    assert [id(p) for g in groups for p in g["params"]] == [id(p) for p in model.parameters() if id(p) not in vision] \
+        + [id(p) for p in model.parameters() if id(p) in vision]  # every parameter once; the LM's first
+    assert {id(p) for p in groups[1]["params"]} == vision and groups[1]["lr"] == 1e-5 and "lr" not in groups[0]
+    # Adam's first step moves every weight by about its group's lr, whatever the gradient's size
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    optimizer.step()
+    step = {id(p): (before[id(p)] - p.detach()).abs().max().item() for p in model.parameters()}
+    assert all(abs(step[i] - 1e-5) < 1e-7 for i in vision)
+    assert all(abs(d - 1e-3) < 1e-5 for i, d in step.items() if i not in vision)
+    model.get_encoder("video").requires_grad_(False)  # frozen vision: the LM's group alone
+    assert len(param_groups(model, vision_lr=1e-5)) == 1
 
 
 def test_a_few_steps_on_one_batch_lower_the_loss(tiny_arch_dir, tiny_world_dir, tmp_path):
