@@ -42,6 +42,7 @@ from common.attribution import (
     counterfactual_logps,
     permute_temporal_patches,
     policy_logps,
+    prefix_shared_logps,
     shuffle_frames,
     temporal_permutation,
     visual_features,
@@ -132,6 +133,11 @@ class Config:
     kl_clamp: float = 0.0  # clamp the log-ratio to [-kl_clamp, kl_clamp] before k3 (the reference code: 10); 0 = off
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # The policy's forward and the reference pass run each prompt once and repeat its KV cache for its G
+    # completions (as the rollout and the attribution passes always do), instead of one forward over all B*G
+    # full rows. Equal up to float rounding (tests); the prompts' work drops G-fold. Both passes switch
+    # together, so the KL stays exactly 0 while the policy equals the reference. Needs gradient_checkpointing off.
+    prefix_sharing: bool = False
     freeze_vision: bool = True
     attn_implementation: str = ""
     save_every: int = 0
@@ -166,6 +172,9 @@ class Config:
         require(self.dynamic_sampling >= 0, "dynamic_sampling", f"must be >= 0 (0 = off), got {self.dynamic_sampling}")
         require(self.kl_clamp >= 0, "kl_clamp", f"must be >= 0 (0 = off), got {self.kl_clamp}")
         require(set(self.trackers) <= set(TRACKERS), "trackers", f"each must be one of {TRACKERS}, got {self.trackers}")
+        require(not (self.prefix_sharing and self.gradient_checkpointing), "prefix_sharing",
+                "needs gradient_checkpointing=false: a checkpointed layer drops the prompts' KV cache while "
+                "gradients are on")
         self.frames.validate()
 
     @property
@@ -181,13 +190,16 @@ class PolicyLogps(torch.nn.Module):
     features encoded once per prompt. Wrapping it (rather than calling submodules of the HF model)
     lets DDP / DeepSpeed see one forward per step and synchronise gradients."""
 
-    def __init__(self, model):
+    def __init__(self, model, shared_prefix: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.shared_prefix = model, shared_prefix
 
     def forward(self, rollout: Rollout, chunk_size: int, with_entropy: bool):
         features = visual_features(self.model, rollout.visual_inputs)
-        logps, entropy = policy_logps(self.model, rollout, features, chunk_size, with_entropy)
+        if self.shared_prefix:  # each prompt once, its KV cache repeated for its G completions
+            logps, entropy = prefix_shared_logps(self.model, rollout, features, False, chunk_size, with_entropy)
+        else:
+            logps, entropy = policy_logps(self.model, rollout, features, chunk_size, with_entropy)
         return logps, entropy, features
 
 
@@ -329,7 +341,7 @@ def main() -> None:
     steps_per_epoch = len(epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes, 0, cfg.seed, 0))
     require(steps_per_epoch > 0, "batch_size", f"{len(samples)} samples are fewer than one global batch")
     total_steps = cfg.max_steps or steps_per_epoch
-    policy = PolicyLogps(model)
+    policy = PolicyLogps(model, shared_prefix=cfg.prefix_sharing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
@@ -442,7 +454,11 @@ def main() -> None:
             ref_logps = None
             if ref_model is not None:
                 ref_features = visual_features(ref_model, rollout.visual_inputs)
-                ref_logps, _ = policy_logps(ref_model, rollout, ref_features, cfg.attribution.chunk_size, False)
+                if cfg.prefix_sharing:  # the policy's computation, so the KL is 0 where the two models agree
+                    ref_logps = counterfactual_logps(ref_model, rollout, ref_features, drop_visual=False,
+                                                     chunk_size=cfg.attribution.chunk_size)
+                else:
+                    ref_logps, _ = policy_logps(ref_model, rollout, ref_features, cfg.attribution.chunk_size, False)
         timings["attribution"] = time.time() - t0
 
         # ---- loss on key tokens -> update (num_iterations > 1 reuses the batch) ---------------

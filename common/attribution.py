@@ -279,9 +279,18 @@ def counterfactual_logps(model, rollout: Rollout, features: VisualFeatures | Non
     """Completion log-probs (N, Lc) under a counterfactual input: `drop_visual` removes the visual
     tokens (positions of the rest preserved); otherwise `features` (e.g. temporally permuted; the
     real ones give the real log-probs by the same computation) fill the visual placeholders.
+    No gradient; `prefix_shared_logps` is the computation."""
+    return prefix_shared_logps(model, rollout, features, drop_visual, chunk_size, with_entropy=False)[0]
 
-    The B prompts run once (left-aligned after the removal, so each ends at the last column), their
-    KV cache is repeated G times, and then all N completions run together."""
+
+def prefix_shared_logps(model, rollout: Rollout, features: VisualFeatures | None, drop_visual: bool = False,
+                        chunk_size: int = 64, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Completion log-probs (N, Lc) and entropies, with each of the B prompts run once: their KV cache is
+    repeated G times (differentiably: the G completions' gradients add up in the prompt), and then all N
+    completions run together. Equal to `policy_logps` up to float rounding (tests), with the prompt's work
+    cut G-fold. The prompts are left-aligned after any removal (`drop_visual`), so each ends at the last
+    column. A Transformers layer under gradient checkpointing drops a KV cache while gradients are on, so
+    with gradients this needs checkpointing off (train_ktr.py checks `prefix_sharing`)."""
     ids = visual_tokens(model.config)
     placeholders = torch.tensor([ids.video, ids.image], device=rollout.input_ids.device)
     p, g = rollout.prompt_length, rollout.group_size
@@ -313,9 +322,8 @@ def counterfactual_logps(model, rollout: Rollout, features: VisualFeatures | Non
               attention_mask=mask, cache=cache, use_cache=True)
     hidden = torch.cat([prefix.last_hidden_state[:, -1:].repeat_interleave(g, dim=0),
                         rest.last_hidden_state[:, :-1]], dim=1)
-    logps, _ = token_logps_and_entropy(hidden, model.get_output_embeddings(), completion_ids, chunk_size,
-                                       with_entropy=False, temperature=rollout.temperature)
-    return logps
+    return token_logps_and_entropy(hidden, model.get_output_embeddings(), completion_ids, chunk_size,
+                                   with_entropy=with_entropy, temperature=rollout.temperature)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from common.attribution import (
     naive_logps,
     permute_temporal_patches,
     policy_logps,
+    prefix_shared_logps,
     shuffle_frames,
     temporal_permutation,
     visual_features,
@@ -154,6 +155,35 @@ def test_step_with_all_signals_off_is_plain_grpo(setup):
     for name, grad in ours.items():
         assert torch.allclose(grad, dict(model.named_parameters())[name].grad, atol=1e-5), name
 
+
+
+def test_prefix_shared_pass_gives_the_full_forward_logps_entropies_and_gradients(setup):
+    """prefix_sharing (train_ktr.py): each prompt runs once and its KV cache is repeated for the G completions,
+    with gradients flowing back through the repeat. Same log-probs, entropies and parameter gradients as one
+    forward over all B*G full rows, the vision tower's included (the tower trains here)."""
+    model, processor, records, clips, _ = setup
+    rollout = make_rollout(model, processor, ["Short question?", records[1]["problem"] + " Long one."], clips)
+    mask = rollout.completion_mask
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        features = visual_features(model, rollout.visual_inputs)
+        if shared:
+            logps, entropy = prefix_shared_logps(model, rollout, features, chunk_size=5, with_entropy=True)
+        else:
+            logps, entropy = policy_logps(model, rollout, features, chunk_size=5, with_entropy=True)
+        (logps * weights * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logps.detach(), entropy, grads))
+    (full, full_entropy, full_grads), (shared, shared_entropy, shared_grads) = results
+    model.zero_grad()
+    assert max_diff(full, shared, mask) <= 1e-4 and max_diff(full_entropy, shared_entropy, mask) <= 1e-4
+    assert full_grads.keys() == shared_grads.keys()
+    assert any(n.startswith(("model.visual", "model.vision_tower")) for n in full_grads)  # the tower's too
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, shared_grads[name], atol=1e-5, rtol=1e-4), name
+    assert sum(g.abs().sum() for g in full_grads.values()) > 0
 
 
 def test_frame_shuffle_pixels_equal_the_processor_on_shuffled_frames(setup):

@@ -93,6 +93,36 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(full_run, answer
         k: v for k, v in read_jsonl(out / "metrics.jsonl")[-1].items() if k.startswith("time/")}
 
 
+def test_prefix_sharing_trains_as_the_full_forward_does(answering_model_dir, tiny_world_dir, tmp_path):
+    """prefix_sharing=true (the policy and reference passes run each prompt once): 4 GRPO steps give the same
+    rewards and, up to float rounding, the same KL, loss and weights as the full forward. (With KTR's signals
+    on, a selection quantile can fall between two scores that differ by rounding only.)"""
+    grpo = ["attribution.visual=false", "attribution.temporal=false", "attribution.entropy=false"]
+    runs = {}
+    for shared in (False, True):
+        runs[shared] = tmp_path / f"shared_{shared}"
+        run(ktr_args(answering_model_dir, tiny_world_dir / "train.json", runs[shared], *grpo,
+                     f"prefix_sharing={str(shared).lower()}"))
+    full, shared = read_jsonl(runs[False] / "metrics.jsonl"), read_jsonl(runs[True] / "metrics.jsonl")
+    assert [m["reward"] for m in full] == [m["reward"] for m in shared]  # the same completions were sampled
+    assert shared[0]["kl"] == 0.0  # policy = reference before the first update, computed the same way
+    for key in ("kl", "loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in shared], [m[key] for m in full], rtol=1e-3, atol=1e-6, err_msg=key)
+    assert max(m["kl"] for m in full) > 1e-4  # the reference pass mattered
+    before, a, b = weights_of(answering_model_dir), weights(runs[False]), weights(runs[True])
+    assert any(not torch.equal(before[n], t) for n, t in a.items())
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_prefix_sharing_with_gradient_checkpointing_stops_naming_the_key(answering_model_dir, tiny_world_dir,
+                                                                          tmp_path):
+    out = tmp_path / "bad"
+    proc = run([*ktr_args(answering_model_dir, tiny_world_dir / "train.json", out), "prefix_sharing=true",
+                "gradient_checkpointing=true"], expect=2)
+    assert "prefix_sharing:" in proc.stderr and "gradient_checkpointing=false" in proc.stderr and not out.exists()
+
+
 def test_grpo_config_selects_every_token(answering_model_dir, tiny_world_dir, tmp_path):
     out = tmp_path / "grpo"
     run(ktr_args(answering_model_dir, tiny_world_dir / "train.json", out, "max_steps=1", "attribution.visual=false",
