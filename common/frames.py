@@ -8,6 +8,7 @@ training-free AKS (relevance + coverage) and DPP (relevance + diversity) choose 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 from collections import OrderedDict
@@ -90,9 +91,10 @@ class ClipCache:
     """A selector that remembers its clips, up to `max_bytes` of frames (least recently used out first).
 
     Only for selectors whose clip is a function of the video file alone (and the fixed config): the key is
-    the path with its size and modification time, so a file rewritten in place is read again. Cached frames
-    are read-only, so a caller that would change them in place fails instead of corrupting later reads.
-    A video that fails is not cached: it fails (and is recorded) every time it comes up, as without a cache.
+    the path with its size and modification time, so a file rewritten in place is read again. Each call
+    returns its own copy of the frames (a memory copy, far cheaper than a decode), so a caller that changes
+    them in place cannot reach later reads. A video that fails is not cached: it fails (and is recorded)
+    every time it comes up, as without a cache.
     """
 
     def __init__(self, select: Selector, max_bytes: int):
@@ -106,12 +108,14 @@ class ClipCache:
         if key in self.clips:
             self.hits += 1
             self.clips.move_to_end(key)
-            return self.clips[key]
+            clip = self.clips[key]
+            return dataclasses.replace(clip, frames=clip.frames.copy(), indices=list(clip.indices),
+                                       timestamps=list(clip.timestamps))
         self.misses += 1
         clip = self.select(sample)
         if clip.frames.nbytes <= self.max_bytes:
-            clip.frames.setflags(write=False)
-            self.clips[key] = clip
+            self.clips[key] = dataclasses.replace(clip, frames=clip.frames.copy(), indices=list(clip.indices),
+                                                  timestamps=list(clip.timestamps))
             self.bytes += clip.frames.nbytes
             while self.bytes > self.max_bytes:
                 self.bytes -= self.clips.popitem(last=False)[1].frames.nbytes
