@@ -287,9 +287,11 @@ def test_zero3_on_two_ranks_with_different_lengths_saves_what_ddp_saves(answerin
     the saved model equals the one plain DDP saves after the same steps (same seeds and prompts).
     With chunks of 4 positions, unpadded lengths would give the ranks different numbers of
     output-layer calls: measured, gloo then fails with "collective mismatch". Dynamic sampling makes
-    the ranks sample different numbers of rounds, which must not matter either."""
+    the ranks sample different numbers of rounds, which must not matter either. Both runs share each prompt's
+    KV cache in the loss passes (`prefix_sharing`): one sharded language-model call for the prompts and one
+    for the completions on every rank (the full-forward passes run 2 ZeRO-3 ranks in test_paper.py)."""
     args = ktr_args(answering_model_dir, tiny_world_dir / "train.json", tmp_path / "x", "max_steps=3", "batch_size=1",
-                    "max_new_tokens=16", "attribution.chunk_size=4", "dynamic_sampling=2")
+                    "max_new_tokens=16", "attribution.chunk_size=4", "dynamic_sampling=2", "prefix_sharing=true")
     ddp, zero3 = tmp_path / "ddp", tmp_path / "zero3"
     run([*args, f"output_dir={ddp}"], num_processes=2, port=29641)
     cmd = launch_command("train_ktr.py", [*args, f"output_dir={zero3}"], num_processes=2, main_process_port=29642,
