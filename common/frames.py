@@ -108,18 +108,20 @@ class ClipCache:
         if key in self.clips:
             self.hits += 1
             self.clips.move_to_end(key)
-            clip = self.clips[key]
-            return dataclasses.replace(clip, frames=clip.frames.copy(), indices=list(clip.indices),
-                                       timestamps=list(clip.timestamps))
+            return _copy(self.clips[key])
         self.misses += 1
         clip = self.select(sample)
         if clip.frames.nbytes <= self.max_bytes:
-            self.clips[key] = dataclasses.replace(clip, frames=clip.frames.copy(), indices=list(clip.indices),
-                                                  timestamps=list(clip.timestamps))
+            self.clips[key] = _copy(clip)
             self.bytes += clip.frames.nbytes
             while self.bytes > self.max_bytes:
                 self.bytes -= self.clips.popitem(last=False)[1].frames.nbytes
         return clip
+
+
+def _copy(clip: Clip) -> Clip:
+    return dataclasses.replace(clip, frames=clip.frames.copy(), indices=list(clip.indices),
+                               timestamps=list(clip.timestamps))
 
 
 def _make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
