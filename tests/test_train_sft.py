@@ -66,6 +66,48 @@ def test_a_few_steps_on_one_batch_lower_the_loss(tiny_arch_dir, tiny_world_dir, 
     load_model(tmp_path / "final")
 
 
+def test_random_frames_are_drawn_anew_each_epoch_and_again_on_resume(tiny_model_dir, tiny_world_dir, tmp_path):
+    """frames.strategy=random: train_sft calls set_epoch, so epoch e draws the subsets of (seed, e), and a
+    run resumed inside epoch 1 draws epoch 1's, not epoch 0's again. The draws are logged by wrapping the
+    selector inside the training process."""
+    import json
+
+    log = tmp_path / "draws.jsonl"
+    wrapper = (
+        "import json, runpy, sys\n"
+        "import common.frames as frames\n"
+        "positions = frames.RandomSubsetSelector.positions\n"
+        "def logged(self, problem_id, m):\n"
+        "    out = positions(self, problem_id, m)\n"
+        f"    with open({str(log)!r}, 'a') as f:\n"
+        "        f.write(json.dumps([self.epoch, str(problem_id), out]) + '\\n')\n"
+        "    return out\n"
+        "frames.RandomSubsetSelector.positions = logged\n"
+        "sys.argv = ['train_sft.py', *sys.argv[1:]]\n"
+        "runpy.run_path('train_sft.py', run_name='__main__')\n")
+    base = [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}", "frames.strategy=random",
+            "frames.candidates=16", "frames.num=4", "frames.seed=5", "batch_size=8", "max_steps=3", "lr=1e-4"]
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-c", wrapper, *base, *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        draws = [json.loads(line) for line in log.read_text().splitlines()]
+        log.unlink()
+        return draws
+
+    draws = run(f"output_dir={tmp_path / 'full'}")  # 8 samples, one batch of 8: an epoch per step
+    assert [d[0] for d in draws] == [0] * 8 + [1] * 8 + [2] * 8
+    select = make_selector(FramesConfig(strategy="random", candidates=16, num=4, seed=5))
+    for epoch, pid, positions in draws:
+        select.set_epoch(epoch)
+        assert positions == select.positions(pid, 16)
+    by_epoch = [{pid: tuple(p) for e, pid, p in draws if e == epoch} for epoch in range(3)]
+    assert len(by_epoch[0]) == 8 and by_epoch[0] != by_epoch[1] != by_epoch[2]
+    run(f"output_dir={tmp_path / 'resumed'}", "save_every=1", "stop_after=1")
+    assert run(f"output_dir={tmp_path / 'resumed'}") == draws[8:]  # epochs 1 and 2, as the whole run drew them
+
+
 def test_resumed_run_ends_with_the_same_weights_and_checkpoints_load(tiny_model_dir, tiny_world_dir, tmp_path):
     base = [f"model={tiny_model_dir}", f"data={tiny_world_dir / 'train.json'}", "frames.num=4", "batch_size=2",
             "grad_accum=2", "max_steps=4", "save_every=2", "lr=1e-3", "log_every=1"]
