@@ -1,6 +1,7 @@
 """GRPO's loss passes over a rollout: the full forward over all B*G rows vs each prompt once (`prefix_sharing`).
 
     python bench/bench_prefix_sharing.py [--prompts 16 --generations 8 --frames 8 32 --tokens 40 --threads 1]
+                                         [--checkpointing]
 
 train_ktr.py computes the policy's completion log-probs with gradients (forward + backward) and, with
 beta > 0, the reference model's without. The full forward runs every one of the B*G rows over its whole
@@ -9,6 +10,8 @@ adds the G completions' gradients up in the prompt). Both must give the same log
 float rounding. The model is the tiny Qwen2.5-VL (random weights); the prompt grows with --frames (16
 visual tokens per 2 frames at 112 px). Each size: a warm-up, then --repeats alternating calls; prints
 the median seconds, their ratio, and the largest differences of the log-probs and of the gradients.
+--checkpointing runs both with gradient checkpointing, as the paper configs train (the backward then
+replays every layer's forward).
 """
 
 from __future__ import annotations
@@ -56,16 +59,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on, in both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny(Path(tmp) / "model")
         model, processor = load_model(model_dir), load_processor(model_dir)
     model.get_encoder("video").requires_grad_(False)  # as train_ktr.py's default (freeze_vision)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()  # layers checkpoint in training mode only (the tiny model has no dropout)
     eos = processor.tokenizer.eos_token_id
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     print(f"{args.prompts} prompts x G = {args.generations}, {args.tokens} completion tokens, tiny Qwen2.5-VL, "
-          f"{args.threads} thread(s)")
+          f"{args.threads} thread(s){', gradient checkpointing' if args.checkpointing else ''}")
     print(f"{'frames':>6}{'prompt':>8}  {'pass':<22}{'full s':>8}{'shared s':>10}{'ratio':>7}"
           f"{'max |dlogp|':>13}{'max |dgrad|':>13}")
     for n_frames in args.frames:

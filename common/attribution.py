@@ -34,6 +34,7 @@ completion length Lc is padded to the same value on every rank (`build_rollout(p
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -289,8 +290,8 @@ def prefix_shared_logps(model, rollout: Rollout, features: VisualFeatures | None
     repeated G times (differentiably: the G completions' gradients add up in the prompt), and then all N
     completions run together. Equal to `policy_logps` up to float rounding (tests), with the prompt's work
     cut G-fold. The prompts are left-aligned after any removal (`drop_visual`), so each ends at the last
-    column. A Transformers layer under gradient checkpointing drops a KV cache while gradients are on, so
-    with gradients this needs checkpointing off (train_ktr.py checks `prefix_sharing`)."""
+    column. Also under (non-reentrant) gradient checkpointing: the two passes use caches that a layer's replay
+    in the backward runs through again with the same result (`_kv_layers`)."""
     ids = visual_tokens(model.config)
     placeholders = torch.tensor([ids.video, ids.image], device=rollout.input_ids.device)
     p, g = rollout.prompt_length, rollout.group_size
@@ -312,18 +313,85 @@ def prefix_shared_logps(model, rollout: Rollout, features: VisualFeatures | None
         prefix_embeds, deepstack = embed_inputs(model, prefix_ids, features, rows_per_prompt=1)
 
     lm = model.model.language_model
-    prefix = lm(inputs_embeds=prefix_embeds, position_ids=prefix_positions, attention_mask=prefix_mask.long(),
-                use_cache=True, **deepstack)
-    cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
-    cache.batch_repeat_interleave(g)
-    completion_ids = rollout.completion_ids
-    mask = torch.cat([prefix_mask.long().repeat_interleave(g, dim=0), torch.ones_like(completion_ids)], dim=1)
-    rest = lm(inputs_embeds=model.get_input_embeddings()(completion_ids), position_ids=rollout.position_ids[..., p:],
-              attention_mask=mask, cache=cache, use_cache=True)
+    prompt_kv = _prompt_cache()
+    with _checkpointed_layers_keep_cache(lm):
+        prefix = lm(inputs_embeds=prefix_embeds, position_ids=prefix_positions, attention_mask=prefix_mask.long(),
+                    cache=prompt_kv, use_cache=False, **deepstack)
+        completion_ids = rollout.completion_ids
+        mask = torch.cat([prefix_mask.long().repeat_interleave(g, dim=0), torch.ones_like(completion_ids)], dim=1)
+        rest = lm(inputs_embeds=model.get_input_embeddings()(completion_ids),
+                  position_ids=rollout.position_ids[..., p:], attention_mask=mask,
+                  cache=_repeated_read_only(prompt_kv, g), use_cache=False)
     hidden = torch.cat([prefix.last_hidden_state[:, -1:].repeat_interleave(g, dim=0),
                         rest.last_hidden_state[:, :-1]], dim=1)
     return token_logps_and_entropy(hidden, model.get_output_embeddings(), completion_ids, chunk_size,
                                    with_entropy=with_entropy, temperature=rollout.temperature)
+
+
+# KV caches for the two passes of `prefix_shared_logps`. Under (non-reentrant) gradient checkpointing a
+# layer's forward runs again in the backward, cache calls included. Transformers' DynamicCache appends on
+# every call, so the replay would see its keys twice; these two give the same keys on every call: the
+# prompt pass's layers keep the last keys they were given (the replay writes the same keys again), and the
+# completion pass's layers return the prompt's keys joined to the new ones and store nothing.
+
+@functools.cache
+def _kv_layers():
+    from transformers.cache_utils import DynamicLayer  # imported here: transformers loads only when used
+
+    class PromptKV(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+
+    class ReadOnlyKV(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return PromptKV, ReadOnlyKV
+
+
+def _prompt_cache():
+    from transformers.cache_utils import Cache
+
+    return Cache(layer_class_to_replicate=_kv_layers()[0])
+
+
+def _repeated_read_only(prompt_kv, repeats: int):
+    """The prompts' keys and values repeated for their completions (differentiably: the completions'
+    gradients add up per prompt), in layers that never change."""
+    from transformers.cache_utils import Cache
+
+    layers = []
+    for i, layer in enumerate(prompt_kv.layers):
+        if not layer.is_initialized:
+            raise NotImplementedError(f"prefix sharing: decoder layer {i} kept no keys for the prompt "
+                                      "(a model whose layers share or skip their KV cache)")
+        copy = _kv_layers()[1]()
+        copy.lazy_initialization(layer.keys, layer.values)
+        copy.keys = layer.keys.repeat_interleave(repeats, dim=0)
+        copy.values = layer.values.repeat_interleave(repeats, dim=0)
+        layers.append(copy)
+    return Cache(layers=layers)
+
+
+class _checkpointed_layers_keep_cache:
+    """Lets the language model's checkpointed layers take the caches above: without this a Transformers
+    layer under gradient checkpointing drops any cache it is given (which is right for a cache that grows)."""
+
+    def __init__(self, lm):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        self.layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer._can_checkpoint_with_cache = True
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer._can_checkpoint_with_cache  # back to the class's False
 
 
 # ------------------------------------------------------------------------------------------------

@@ -157,25 +157,39 @@ def test_step_with_all_signals_off_is_plain_grpo(setup):
 
 
 
-def test_prefix_shared_pass_gives_the_full_forward_logps_entropies_and_gradients(setup):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_prefix_shared_pass_gives_the_full_forward_logps_entropies_and_gradients(setup, checkpointing):
     """prefix_sharing (train_ktr.py): each prompt runs once and its KV cache is repeated for the G completions,
     with gradients flowing back through the repeat. Same log-probs, entropies and parameter gradients as one
-    forward over all B*G full rows, the vision tower's included (the tower trains here)."""
+    forward over all B*G full rows, the vision tower's included (the tower trains here); also with gradient
+    checkpointing, whose backward replays each layer, cache calls included."""
     model, processor, records, clips, _ = setup
     rollout = make_rollout(model, processor, ["Short question?", records[1]["problem"] + " Long one."], clips)
     mask = rollout.completion_mask
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
-    results = []
-    for shared in (False, True):
-        model.zero_grad()
-        features = visual_features(model, rollout.visual_inputs)
-        if shared:
-            logps, entropy = prefix_shared_logps(model, rollout, features, chunk_size=5, with_entropy=True)
-        else:
-            logps, entropy = policy_logps(model, rollout, features, chunk_size=5, with_entropy=True)
-        (logps * weights * mask).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((logps.detach(), entropy, grads))
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()  # layers checkpoint only in training mode (the tiny models have no dropout)
+    replays = []
+    try:
+        results = []
+        for shared in (False, True):
+            model.zero_grad()
+            features = visual_features(model, rollout.visual_inputs)
+            if shared:
+                logps, entropy = prefix_shared_logps(model, rollout, features, chunk_size=5, with_entropy=True)
+            else:
+                logps, entropy = policy_logps(model, rollout, features, chunk_size=5, with_entropy=True)
+            attention = model.model.language_model.layers[0].self_attn  # the layer itself replays unhooked
+            hook = attention.register_forward_pre_hook(lambda *_: replays.append(torch.is_grad_enabled()))
+            (logps * weights * mask).sum().backward()
+            hook.remove()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((logps.detach(), entropy, grads))
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert len(replays) == (3 if checkpointing else 0)  # the backward re-ran the layer: 1 full pass, 2 shared
     (full, full_entropy, full_grads), (shared, shared_entropy, shared_grads) = results
     model.zero_grad()
     assert max_diff(full, shared, mask) <= 1e-4 and max_diff(full_entropy, shared_entropy, mask) <= 1e-4
@@ -184,6 +198,26 @@ def test_prefix_shared_pass_gives_the_full_forward_logps_entropies_and_gradients
     for name, grad in full_grads.items():
         assert torch.allclose(grad, shared_grads[name], atol=1e-5, rtol=1e-4), name
     assert sum(g.abs().sum() for g in full_grads.values()) > 0
+
+
+def test_prefix_sharing_check_passes_rounding_and_stops_on_a_real_difference(setup):
+    """train_ktr.py's first-step check of prefix_sharing: the shared pass's own log-probs pass; log-probs off by
+    a tenth per token (what a kernel that misread the prompts' padding gives; measured on a broken cache:
+    up to 0.97) stop the run, naming the key to turn off."""
+    from types import SimpleNamespace
+
+    from train_ktr import check_prefix_sharing
+
+    model, processor, records, clips, _ = setup
+    rollout = make_rollout(model, processor, ["Short question?", records[1]["problem"] + " Long one."], clips)
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"), print=lambda *a: None)
+    with torch.no_grad():
+        features = visual_features(model, rollout.visual_inputs)
+        shared, _ = prefix_shared_logps(model, rollout, features, chunk_size=5)
+    assert check_prefix_sharing(accelerator, model, rollout, features, shared, 5) < 1e-5
+    off = shared + 0.1 * rollout.completion_mask
+    with pytest.raises(RuntimeError, match=r"differ from the full forward's by 0\.1000 .*set prefix_sharing=false"):
+        check_prefix_sharing(accelerator, model, rollout, features, off, 5)
 
 
 def test_frame_shuffle_pixels_equal_the_processor_on_shuffled_frames(setup):

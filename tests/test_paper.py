@@ -3,6 +3,7 @@ each stage that need no real weights, and the paper's hyper-parameters in the sh
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,9 @@ def test_shipped_ktr_config_trains_on_mixed_video_r1_data_in_bf16(answering_mode
     proc = subprocess.run(cmd, cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "1 process(es) on cpu" in proc.stdout
+    # prefix_sharing as shipped: under checkpointing and bf16, its first-step check against the full forward ran
+    gap = re.search(r"prefix_sharing: the first step's log-probs are within (\S+) per token", proc.stdout)
+    assert gap and float(gap.group(1)) < 0.01, proc.stdout[-2000:]
     metrics = read_jsonl(out / "metrics.jsonl")
     assert len(metrics) == len(PICKED) - 1  # one epoch; the truncated video's step is skipped
     assert all(math.isfinite(m["loss"]) and math.isfinite(m["kl"]) for m in metrics)
@@ -210,6 +214,8 @@ def test_shipped_ktr_config_on_two_zero3_ranks_in_bf16_with_mixed_batches(answer
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "accelerate: DEEPSPEED ZeRO-3, 2 process(es) on cpu" in proc.stdout
+    gap = re.search(r"prefix_sharing: the first step's log-probs are within (\S+) per token", proc.stdout)
+    assert gap and float(gap.group(1)) < 0.01, proc.stdout[-2000:]  # both ranks' tokens, one decision
     metrics = read_jsonl(out / "metrics.jsonl")
     assert len(metrics) == len(PICKED) // 2 - 1 and "skipped, a batch had no readable sample" in proc.stdout
     assert [s["problem_id"] for s in read_jsonl(out / "skipped.jsonl")] == ["25"]
