@@ -356,7 +356,7 @@ def main() -> None:
     tokenizer = processor.tokenizer
     eos_ids = sorted({tokenizer.eos_token_id, *np.atleast_1d(model.generation_config.eos_token_id or []).tolist()})
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.config.use_cache = False
     if cfg.freeze_vision:
         model.get_encoder("video").requires_grad_(False)

@@ -114,7 +114,7 @@ def main() -> None:
     processor = load_processor(cfg.model, cfg.frames)
     tokenizer = processor.tokenizer
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.config.use_cache = False
     if cfg.freeze_vision:
         model.get_encoder("video").requires_grad_(False)

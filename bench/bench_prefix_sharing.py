@@ -67,7 +67,7 @@ def main() -> None:
         model, processor = load_model(model_dir), load_processor(model_dir)
     model.get_encoder("video").requires_grad_(False)  # as train_ktr.py's default (freeze_vision)
     if args.checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.train()  # layers checkpoint in training mode only (the tiny model has no dropout)
     eos = processor.tokenizer.eos_token_id
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)

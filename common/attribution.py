@@ -317,6 +317,9 @@ def prefix_shared_logps(model, rollout: Rollout, features: VisualFeatures | None
     with _checkpointed_layers_keep_cache(lm):
         prefix = lm(inputs_embeds=prefix_embeds, position_ids=prefix_positions, attention_mask=prefix_mask.long(),
                     cache=prompt_kv, use_cache=False, **deepstack)
+        if prefix.last_hidden_state.requires_grad and not prompt_kv.layers[-1].keys.requires_grad:
+            raise RuntimeError("prefix sharing: the prompts' keys carry no gradient (reentrant gradient "
+                               "checkpointing runs layers without autograd); use use_reentrant=False")
         completion_ids = rollout.completion_ids
         mask = torch.cat([prefix_mask.long().repeat_interleave(g, dim=0), torch.ones_like(completion_ids)], dim=1)
         rest = lm(inputs_embeds=model.get_input_embeddings()(completion_ids),

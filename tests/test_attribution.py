@@ -168,7 +168,7 @@ def test_prefix_shared_pass_gives_the_full_forward_logps_entropies_and_gradients
     mask = rollout.completion_mask
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.train()  # layers checkpoint only in training mode (the tiny models have no dropout)
     replays = []
     try:
@@ -187,7 +187,7 @@ def test_prefix_shared_pass_gives_the_full_forward_logps_entropies_and_gradients
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             results.append((logps.detach(), entropy, grads))
     finally:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
         model.eval()
     assert len(replays) == (3 if checkpointing else 0)  # the backward re-ran the layer: 1 full pass, 2 shared
     (full, full_entropy, full_grads), (shared, shared_entropy, shared_grads) = results
@@ -198,6 +198,22 @@ def test_prefix_shared_pass_gives_the_full_forward_logps_entropies_and_gradients
     for name, grad in full_grads.items():
         assert torch.allclose(grad, shared_grads[name], atol=1e-5, rtol=1e-4), name
     assert sum(g.abs().sum() for g in full_grads.values()) > 0
+
+
+def test_prefix_shared_pass_refuses_reentrant_checkpointing(setup):
+    """Reentrant checkpointing runs each layer without autograd, so the prompts' keys would reach the
+    completions without a gradient path: the prompt's share of the gradient would be lost silently."""
+    model, processor, records, clips, _ = setup
+    rollout = make_rollout(model, processor, ["Short question?", records[1]["problem"] + " Long one."], clips)
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    model.train()
+    try:
+        features = visual_features(model, rollout.visual_inputs)  # the tower trains here: inputs carry gradients
+        with pytest.raises(RuntimeError, match="reentrant gradient checkpointing"):
+            prefix_shared_logps(model, rollout, features, chunk_size=5)
+    finally:
+        model.activation_checkpointing_disable()
+        model.eval()
 
 
 def test_prefix_sharing_check_passes_rounding_and_stops_on_a_real_difference(setup):
