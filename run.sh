@@ -7,6 +7,8 @@
 #                        llava_onevision) -> outputs/tiny_$ARCH
 #   CROSS_VOYAGER=outputs/tiny/voyager ARCH=llava_onevision bash run.sh   adds frames picked by another model's scorer
 #   CANDIDATES=16 bash run.sh   frame selection from M = 16 uniform candidates only (default "16 32")
+#   VISION_STEPS=2500 bash run.sh   pretrains the tiny vision tower first (README, "A pretrained tiny tower")
+#                        -> outputs/tiny_tower (the default keeps the random tower of the README's tables)
 #   ALL_FRAMES=1 bash run.sh   adds the SFT model on all 64 frames (a probe: far outside its training, it fails)
 #   JOBS=1 bash run.sh   one stage at a time (default 2: after SFT, stages run side by side, logs in OUT/logs)
 #   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
@@ -89,8 +91,9 @@ case $MODE in
     # Sizes in one place; the tests run the same pipeline small (e.g. N_TRAIN=16 SFT_STEPS=4 OUT=/tmp/x).
     # The paper's data shape: SFT with reasoning on the first N_SFT training videos, RL with answers only on
     # the rest (README, "Why RL lowers accuracy on the tiny default").
-    ARCH=${ARCH:-qwen2_5_vl}
-    [ $ARCH = qwen2_5_vl ] && OUT=${OUT:-outputs/tiny} || OUT=${OUT:-outputs/tiny_$ARCH}
+    ARCH=${ARCH:-qwen2_5_vl} VISION_STEPS=${VISION_STEPS:-0}
+    TOWER=; [ "$VISION_STEPS" -gt 0 ] && TOWER=_tower
+    [ $ARCH = qwen2_5_vl ] && OUT=${OUT:-outputs/tiny$TOWER} || OUT=${OUT:-outputs/tiny_$ARCH$TOWER}
     # 4 visual tokens per frame in every family: 2 x 2 merged patches of 28 px (32 px for Qwen3-VL's 16-px patches)
     [ $ARCH = qwen3_vl ] && PIXELS=4096 || PIXELS=3136
     # Qwen3-VL's tiny model needs twice the SFT steps to see (README, "The other families": 750 -> 0.240, 1500 -> 0.343)
@@ -102,9 +105,15 @@ case $MODE in
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
     stage model   $OUT/model/config.json      python -m common.models build-tiny --arch $ARCH --out $OUT/model --max-pixels $PIXELS --seed 0
+    BASE=$OUT/model
+    if [ "$VISION_STEPS" -gt 0 ]; then  # the tower pretrained on rendered scenes (never the data's videos), then frozen
+      stage tower $OUT/tower/vision_pretrain.json python -m common.vision_pretrain --model $OUT/model --out $OUT/tower \
+        --steps $VISION_STEPS --scenes ${VISION_SCENES:-6000}
+      BASE=$OUT/tower
+    fi
     stage split   $DATA/rl.json               python -m common.data split $DATA/train.json $N_SFT $DATA/sft.json $DATA/rl.json
     stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
-      model=$OUT/model data=$DATA/sft.json output_dir=$OUT/sft max_steps=$SFT_STEPS
+      model=$BASE data=$DATA/sft.json output_dir=$OUT/sft max_steps=$SFT_STEPS
     voyager() {  # labels -> the scorer -> the SFT model's answers on the frames it picks
       stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
         model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import yaml
+
 from common.tinyworld import generate
 from tests.conftest import ROOT
 
@@ -93,3 +95,17 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
     assert proc.returncode != 0
     assert f"== ktr: FAILED (exit 2); the end of {out}/logs/ktr.log:" in output and "max_steps" in output, output
     assert "== eval_ktr:" not in output and not (out / "eval" / "ktr_uniform").exists()
+
+
+def test_vision_steps_pretrains_the_tower_that_sft_starts_from(tmp_path):
+    out = tmp_path / "t"
+    proc = start(out, VISION_STEPS="3", VISION_SCENES="40")
+    for line in proc.stdout:  # stop once SFT has finished: the stages after it are tested above
+        if line.startswith("== sft: finished"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    pretrained = json.loads((out / "tower" / "vision_pretrain.json").read_text())
+    assert pretrained["steps"] == 3 and pretrained["scenes"] == 40
+    sft = yaml.safe_load((out / "sft" / "config.yaml").read_text())
+    assert sft["model"] == str(out / "tower")
