@@ -25,8 +25,10 @@ def _scene(objects):
 
 
 @pytest.mark.parametrize("max_pixels", [56 * 56, 112 * 112])
-def test_targets_land_on_the_tokens_that_show_the_shape(tiny_model_dir, max_pixels):
-    processor = load_processor(tiny_model_dir)
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_targets_land_on_the_tokens_that_show_the_shape(request, arch, max_pixels):
+    processor = load_processor(request.getfixturevalue({"qwen2_5_vl": "tiny_model_dir",
+                                                        "qwen3_vl": "tiny_qwen3_vl_dir"}[arch]))
     vp = processor.video_processor
     vp.size = type(vp.size)(shortest_edge=28 * 28, longest_edge=max_pixels)
     # a red square in the top-left token and a green circle in the bottom-right one, all video long;
@@ -78,6 +80,15 @@ def test_pretraining_learns_and_changes_only_the_tower(tiny_56px_model_dir, tmp_
     pretrain(model_dir, tmp_path / "c", **{**kwargs, "steps": 20})
     wb, wc = load_file(tmp_path / "b" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
     assert all(torch.equal(wb[k], wc[k]) for k in wb)
+
+
+def test_pretrains_a_qwen3_vl_tower(tiny_qwen3_vl_dir, tmp_path):
+    out = pretrain(tiny_qwen3_vl_dir, tmp_path / "q3", steps=3, scenes=40)
+    assert out["token_norm"] == pytest.approx(out["random_token_norm"], rel=0.1)
+    before, after = load_model(tiny_qwen3_vl_dir), load_model(tmp_path / "q3")
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    changed = {k for k in b if not torch.equal(b[k], a[k])}
+    assert changed and all(".visual." in f".{k}" for k in changed)
 
 
 def test_refuses_a_tower_without_grids(tiny_llava_onevision_dir, tmp_path):
