@@ -7,7 +7,7 @@
 #                        llava_onevision) -> outputs/tiny_$ARCH
 #   CROSS_VOYAGER=outputs/tiny/voyager ARCH=llava_onevision bash run.sh   adds frames picked by another model's scorer
 #   CANDIDATES=16 bash run.sh   frame selection from M = 16 uniform candidates only (default "16 32")
-#   VISION_STEPS=2500 bash run.sh   pretrains the tiny vision tower first (README, "A pretrained tiny tower")
+#   VISION_STEPS=2500 bash run.sh   pretrains the tiny vision tower first (README, "A pretrained tiny vision tower")
 #                        -> outputs/tiny_tower (the default keeps the random tower of the README's tables)
 #   ALL_FRAMES=1 bash run.sh   adds the SFT model on all 64 frames (a probe: far outside its training, it fails)
 #   JOBS=1 bash run.sh   one stage at a time (default 2: after SFT, stages run side by side, logs in OUT/logs)
