@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from common import tinyworld
 from common.models import encode_visual, load_model, load_processor
+from common.video import uniform_indices
 
 SCENE_SEED = 7919  # TinyWorld scenes of this seed + --seed; the data splits use seeds 0 (train/test) and 1 (val)
 MIN_PIXELS = 4  # a colour is in a token's region when at least this many of its pixels are
@@ -73,7 +74,7 @@ def render_clips(processor, n: int, seed: int, frames: int = 64, size: int = 112
         if i % 2:
             idx = sorted(rng.choice(frames, num, replace=False).tolist())
         else:
-            idx = [(2 * j + 1) * frames // (2 * num) for j in range(num)]
+            idx = uniform_indices(frames, num)
         meta = {"fps": 8.0, "total_num_frames": frames, "frames_indices": idx}
         batch = vp(videos=[video[idx]], video_metadata=[meta], do_sample_frames=False, return_tensors="pt")
         pixels = batch["pixel_values_videos"]
