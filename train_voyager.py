@@ -9,7 +9,8 @@
 2. Training: per sample, `combos_per_sample` of its labeled combinations; a combination's score is the
    mean reward of its frames; pairwise ranking loss -log sigmoid(s_better - s_worse) over pairs whose
    label losses differ by more than `margin`.
-3. Validation (a held-out share of the labeled samples): pairwise ranking accuracy, Spearman correlation
+3. Validation (a held-out share of the labeled samples): pairwise ranking accuracy (all pairs, and the half
+   with the larger loss gaps: above the median gap of the validation pairs), Spearman correlation
    between scores and -loss, and where the data has evidence frames, how often the top-T frames hit
    them (next to uniform T frames and the label model's own best combination).
 
@@ -119,18 +120,36 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return (rx @ ry).item() / denom if denom > 0 else 0.0
 
 
+def median_gap(rows: list[dict], margin: float) -> float:
+    """The median loss gap of the ranked pairs (losses differing by more than `margin`) in `rows`: pairs above it
+    are the half with the larger gaps, where the labels are least likely to be noise."""
+    gaps = []
+    for row in rows:
+        losses = torch.tensor(row["losses"], dtype=torch.float64)
+        gap = losses[None, :] - losses[:, None]
+        gaps.append(gap[gap > margin])
+    gaps = torch.cat(gaps) if gaps else torch.zeros(0)
+    return gaps.median().item() if len(gaps) else 0.0
+
+
 @torch.no_grad()
-def validate(heads, items: list[Item], margin: float, num_frames: int, device) -> dict[str, float]:
-    """Sums over `items` (so shards can be added up): ranking accuracy, Spearman, evidence hits."""
-    sums = dict.fromkeys(["pairs", "correct", "spearman", "samples", "with_evidence", "hit_voyager",
-                          "hit_uniform", "hit_label_best"], 0.0)
+def validate(heads, items: list[Item], margin: float, num_frames: int, device,
+             large_gap: float = math.inf) -> dict[str, float]:
+    """Sums over `items` (so shards can be added up): ranking accuracy (overall, and on the pairs whose loss gap
+    exceeds `large_gap`), Spearman, evidence hits."""
+    sums = dict.fromkeys(["pairs", "correct", "pairs_large_gap", "correct_large_gap", "spearman", "samples",
+                          "with_evidence", "hit_voyager", "hit_uniform", "hit_label_best"], 0.0)
     for it in items:
         rewards = heads(it.frames.to(device), it.query.to(device)).cpu()
         scores = combination_scores(rewards, it.combinations)
-        better = (it.losses[:, None] + margin) < it.losses[None, :]
+        gap = it.losses[None, :] - it.losses[:, None]  # gap[i, j] > 0: combination i has the lower loss
+        better, large = gap > margin, gap > max(margin, large_gap)
         diff = scores[:, None] - scores[None, :]
+        right = (diff > 0).float() + 0.5 * (diff == 0).float()
         sums["pairs"] += better.sum().item()
-        sums["correct"] += ((diff > 0).float() + 0.5 * (diff == 0).float())[better].sum().item()
+        sums["correct"] += right[better].sum().item()
+        sums["pairs_large_gap"] += large.sum().item()
+        sums["correct_large_gap"] += right[large].sum().item()
         sums["spearman"] += spearman(scores, -it.losses)
         sums["samples"] += 1
         if it.evidence is not None:
@@ -146,8 +165,10 @@ def validate(heads, items: list[Item], margin: float, num_frames: int, device) -
 def summarize(sums: dict[str, float]) -> dict[str, float]:
     if not sums["samples"]:
         return {}
-    out = {"pair_accuracy": sums["correct"] / max(1, sums["pairs"]),
-           "spearman": sums["spearman"] / max(1, sums["samples"])}
+    out = {"pair_accuracy": sums["correct"] / max(1, sums["pairs"])}
+    if sums["pairs_large_gap"]:
+        out["pair_accuracy_large_gap"] = sums["correct_large_gap"] / sums["pairs_large_gap"]
+    out["spearman"] = sums["spearman"] / max(1, sums["samples"])
     if sums["with_evidence"]:
         for key in ("voyager", "uniform", "label_best"):
             out[f"evidence_recall_{key}"] = sums[f"hit_{key}"] / sums["with_evidence"]
@@ -175,6 +196,7 @@ def main() -> None:
     random.Random(cfg.seed).shuffle(order)
     n_val = round(len(rows) * cfg.val_fraction)
     val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
+    large_gap = median_gap(val_rows, cfg.margin)  # pair_accuracy_large_gap: the pairs above it
 
     if len(train_rows) < world:
         raise SystemExit(f"{len(train_rows)} training samples for {world} processes")
@@ -211,7 +233,8 @@ def main() -> None:
     rng = random.Random(cfg.seed * 1000 + rank)
 
     def epoch_metrics(epoch: int, train_loss: float | None) -> dict:
-        sums = validate(accelerator.unwrap_model(heads).eval(), val, cfg.margin, num_frames, accelerator.device)
+        sums = validate(accelerator.unwrap_model(heads).eval(), val, cfg.margin, num_frames, accelerator.device,
+                        large_gap)
         totals = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "sum")
         row = {"epoch": epoch, "train_loss": train_loss, **summarize(dict(zip(sums, totals.tolist(), strict=True)))}
         if accelerator.is_main_process:
@@ -255,6 +278,7 @@ def main() -> None:
         save_voyager(out, accelerator.unwrap_model(heads), spec)
         write_json(out / "summary.json", {"labels": cfg.labels, "backbone": backbone, "train_samples": len(train_rows),
                                           "val_samples": len(val_rows), "skipped": skipped,
+                                          "median_val_gap": large_gap,
                                           "feature_seconds": round(feature_seconds, 2), "final": row,
                                           "spec": asdict(spec), "time": time.strftime("%F %T")})
         print(f"voyager -> {out}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))

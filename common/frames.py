@@ -40,6 +40,10 @@ class FramesConfig:
     image_max_pixels: int = 0  # pixel budget per image; 0 = processor default
     candidates: int = 16  # M candidate frames scored by voyager / retrieval / aks / dpp
     voyager: str = ""  # directory of a trained Frame-Voyager (voyager.json + voyager.safetensors)
+    # How strategy=voyager turns its frame scores into T frames: "top" (the paper: the T best) or "aks" (AKS's
+    # judge-and-split on the scores, common.selectors.aks_select: where no part of the video stands out, the
+    # frames stay spread over it, so questions about the whole video keep their coverage).
+    voyager_select: Literal["top", "aks"] = "top"
     retrieval_model: str = ""  # CLIP/SigLIP path for retrieval / aks / dpp; empty = the answering model's embeddings
     seed: int = 0  # strategy=random: the draws depend on (seed, epoch, problem_id) only
     # Decoded frames kept in memory (MiB, least recently used out first) for the strategies that read the same
@@ -139,7 +143,11 @@ def _make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
     if cfg.strategy == "voyager":  # the scorer (and its backbone, if not the answering model) loads once, here
         from common.voyager import VoyagerSelector
 
-        return VoyagerSelector(cfg.voyager, cfg.candidates, cfg.num, model=model, processor=processor)
+        select = None
+        if cfg.voyager_select == "aks":
+            from common.selectors import aks_select as select
+        return VoyagerSelector(cfg.voyager, cfg.candidates, cfg.num, model=model, processor=processor,
+                               select=select)
     if cfg.strategy == "retrieval":
         from common.voyager import RetrievalSelector
 

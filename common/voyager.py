@@ -270,14 +270,17 @@ def check_backbone(spec: VoyagerSpec, model) -> None:
 # ---------------------------------------------------------------------------------------------
 
 class VoyagerSelector:
-    """Reads M uniform candidates, scores them in one backbone pass, returns the top T in temporal order.
+    """Reads M uniform candidates, scores them in one backbone pass, returns T of them in temporal order: the
+    top T, or what `select(scores, T)` picks (frames.voyager_select=aks: common.selectors.aks_select).
 
     The backbone is the answering model itself when it is the one the heads were trained on (no second
     copy in memory); otherwise it is loaded from the path in voyager.json (plug-and-play: any answering
     model can use a Voyager trained on another backbone).
     """
 
-    def __init__(self, directory: str, candidates: int, num: int, model=None, processor=None):
+    def __init__(self, directory: str, candidates: int, num: int, model=None, processor=None,
+                 select: Callable[[torch.Tensor, int], Sequence[int]] | None = None):
+        self.select = select or select_top  # (frame scores, T) -> positions
         spec = VoyagerSpec(**json.loads((Path(directory) / CONFIG_NAME).read_text()))
         same = model is not None and spec.fingerprint is not None and \
             fingerprint_mismatch(spec.fingerprint, backbone_fingerprint(model)) is None
@@ -307,7 +310,8 @@ class VoyagerSelector:
         return self.heads(frames, q)
 
     def __call__(self, sample) -> Clip:
-        return pick_top_frames(sample, self.candidates, self.num, self.frame_rewards)
+        return pick_frames(sample, self.candidates, self.num,
+                           lambda clip, query: self.select(self.frame_rewards(clip, query).cpu(), self.num))
 
 
 class RetrievalSelector:

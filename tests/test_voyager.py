@@ -62,6 +62,27 @@ def test_ranking_loss_matches_hand_computed_pairs():
     assert zero.item() == 0.0 and flat.grad is not None
 
 
+def test_validation_pair_accuracy_overall_and_on_the_larger_gap_half():
+    """Four one-frame combinations with label losses 0, 0.1, 1, 3 and fixed frame rewards 4, 3, 1, 2: of the six
+    ranked pairs only (2, 3) is ordered wrongly (5/6). The median gap is 1.0 (gaps 0.1, 0.9, 1, 2, 2.9, 3), so
+    the larger-gap half is the three pairs with frame 3, where (2, 3) is one of three (2/3)."""
+    from train_voyager import Item, median_gap, summarize, validate
+
+    losses = [0.0, 0.1, 1.0, 3.0]
+    rewards = torch.tensor([4.0, 3.0, 1.0, 2.0])
+    assert median_gap([{"losses": losses}], margin=0.0) == pytest.approx(1.0)
+    assert median_gap([{"losses": losses}], margin=0.95) == pytest.approx(2.0)  # of 1, 2, 2.9, 3 (lower median)
+    item = Item(frames=torch.zeros(4, 1, 1), query=torch.zeros(1, 1), combinations=torch.tensor([[0], [1], [2], [3]]),
+                losses=torch.tensor(losses), candidate_indices=[0, 1, 2, 3], total_frames=4, evidence=None)
+    sums = validate(lambda frames, query: rewards, [item], 0.0, 1, "cpu", large_gap=1.0)
+    out = summarize(sums)
+    assert sums["pairs"] == 6 and sums["pairs_large_gap"] == 3
+    assert out["pair_accuracy"] == pytest.approx(5 / 6) and out["pair_accuracy_large_gap"] == pytest.approx(2 / 3)
+    # A margin removes pairs from both counts; the larger-gap threshold is never below it.
+    sums = validate(lambda frames, query: rewards, [item], 0.95, 1, "cpu", large_gap=0.5)
+    assert sums["pairs"] == 4 and sums["pairs_large_gap"] == 4
+
+
 def test_combination_score_is_the_mean_reward_of_its_frames():
     rewards = torch.tensor([0.0, 1.0, 2.0, 4.0])
     combos = torch.tensor([[0, 1], [2, 3], [1, 3]])
@@ -173,7 +194,8 @@ def test_training_writes_heads_spec_and_validation_metrics(trained):
     assert {r["max_pixels"] for r in read_jsonl(out / "labels" / "labels.jsonl")} == {budget}
     metrics = read_jsonl(out / "voyager" / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
-    for key in ("pair_accuracy", "spearman", "evidence_recall_voyager", "evidence_recall_uniform"):
+    for key in ("pair_accuracy", "pair_accuracy_large_gap", "spearman", "evidence_recall_voyager",
+                "evidence_recall_uniform"):
         assert 0.0 <= abs(metrics[-1][key]) <= 1.0
 
 
@@ -220,6 +242,26 @@ def test_a_scorer_picks_frames_for_another_familys_model(trained, tiny_world_dir
     (moved / "voyager.json").write_text(json.dumps({**spec, "backbone": "runs_elsewhere/sft/final"}))
     with pytest.raises(FileNotFoundError, match=r"moved/voyager\.json: 'backbone' 'runs_elsewhere/sft/final' is not"):
         VoyagerSelector(str(moved), candidates=12, num=3)
+
+
+def test_voyager_select_aks_applies_aks_to_the_scorers_frame_rewards(trained, tiny_world_dir):
+    """frames.voyager_select=aks: the frames are aks_select of the same rewards the top-T selector ranks."""
+    from common.config import ConfigError, load_config
+    from common.frames import FramesConfig, make_selector
+    from common.selectors import aks_select
+    from common.voyager import read_candidates, voyager_query
+
+    out, _, _ = trained
+    cfg = dict(strategy="voyager", voyager=str(out / "voyager"), candidates=12, num=4)
+    top = make_selector(FramesConfig(**cfg))
+    aks = make_selector(FramesConfig(**cfg, voyager_select="aks"))
+    for sample in load_samples(tiny_world_dir / "test.json")[:6]:
+        clip = read_candidates(sample.path, 12, 4)
+        rewards = top.frame_rewards(clip, voyager_query(sample.problem, sample.options)).cpu()
+        assert top(sample).indices == [clip.indices[p] for p in select_top(rewards, 4)]
+        assert aks(sample).indices == [clip.indices[p] for p in aks_select(rewards, 4)]
+    with pytest.raises(ConfigError, match="voyager_select: 'best' is not one of 'top', 'aks'"):
+        load_config(FramesConfig, None, ["voyager_select=best"])
 
 
 def test_retrieval_with_a_clip_model_keeps_the_most_similar_frames(tiny_world_dir, tmp_path):
