@@ -9,6 +9,7 @@ training-free AKS (relevance + coverage) and DPP (relevance + diversity) choose 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import zlib
 from collections import OrderedDict
@@ -44,6 +45,9 @@ class FramesConfig:
     # judge-and-split on the scores, common.selectors.aks_select: where no part of the video stands out, the
     # frames stay spread over it, so questions about the whole video keep their coverage).
     voyager_select: Literal["top", "aks"] = "top"
+    # AKS's judge (strategy=aks, voyager_select=aks): a segment whose top-k mean normalised score exceeds its mean by
+    # more than this takes its top k; otherwise it is split in two. 0 = always the top T; 1 = always split (coverage).
+    aks_threshold: float = 0.5
     retrieval_model: str = ""  # CLIP/SigLIP path for retrieval / aks / dpp; empty = the answering model's embeddings
     seed: int = 0  # strategy=random: the draws depend on (seed, epoch, problem_id) only
     # Decoded frames kept in memory (MiB, least recently used out first) for the strategies that read the same
@@ -56,6 +60,8 @@ class FramesConfig:
         require(self.fps > 0, f"{prefix}.fps", f"must be > 0, got {self.fps}")
         require(self.max_frames > 0, f"{prefix}.max_frames", f"must be > 0, got {self.max_frames}")
         require(self.cache_mb >= 0, f"{prefix}.cache_mb", f"must be >= 0 (0 = off), got {self.cache_mb}")
+        require(0.0 <= self.aks_threshold <= 1.0, f"{prefix}.aks_threshold",
+                f"must be in [0, 1] (scores are normalised to [0, 1]), got {self.aks_threshold}")
         require(self.min_frames >= 0, f"{prefix}.min_frames", f"must be >= 0 (0 = off), got {self.min_frames}")
         if self.min_frames:
             require(self.min_frames <= self.max_frames, f"{prefix}.min_frames",
@@ -145,7 +151,9 @@ def _make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
 
         select = None
         if cfg.voyager_select == "aks":
-            from common.selectors import aks_select as select
+            from common.selectors import aks_select
+
+            select = functools.partial(aks_select, threshold=cfg.aks_threshold)
         return VoyagerSelector(cfg.voyager, cfg.candidates, cfg.num, model=model, processor=processor,
                                select=select)
     if cfg.strategy == "retrieval":
@@ -156,8 +164,11 @@ def _make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
     if cfg.strategy in ("aks", "dpp"):  # training-free, on retrieval's embeddings
         from common.selectors import AKSSelector, DPPSelector
 
-        cls = AKSSelector if cfg.strategy == "aks" else DPPSelector
-        return cls(cfg.candidates, cfg.num, model=model, processor=processor, retrieval_model=cfg.retrieval_model)
+        if cfg.strategy == "aks":
+            return AKSSelector(cfg.candidates, cfg.num, model=model, processor=processor,
+                               retrieval_model=cfg.retrieval_model, threshold=cfg.aks_threshold)
+        return DPPSelector(cfg.candidates, cfg.num, model=model, processor=processor,
+                           retrieval_model=cfg.retrieval_model)
     raise ValueError(f"unknown frames.strategy={cfg.strategy!r}")
 
 

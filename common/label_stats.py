@@ -317,7 +317,8 @@ def print_voyager(metrics: dict, fit: dict | None, margin: float = 0.0) -> None:
               f"(epoch 1) -> {fmt(last.get('train_loss'), 4)} (last), min {fmt(metrics['train_loss_min'], 4)}; "
               f"chance ln 2 = {math.log(2):.4f}")
         keys = [k for k in last if k not in ("epoch", "train_loss")]
-        print(f"{'epoch':<11}" + "".join(f"{k.replace('evidence_recall_', 'ev_'):>16}" for k in keys))
+        short = lambda k: k.replace("evidence_recall_", "ev_").replace("pair_accuracy_large_gap", "pair_acc_large")  # noqa: E731
+        print(f"{'epoch':<11}" + "".join(f"{short(k):>16}" for k in keys))
         for row in (first, last):
             print(f"{row['epoch']:<11}" + "".join(f"{fmt(row.get(k)):>16}" for k in keys))
     if fit:

@@ -90,8 +90,12 @@ def dpp_select(scores: Sequence[float] | torch.Tensor, similarity: torch.Tensor,
 class AKSSelector(RetrievalSelector):
     """frames.strategy=aks: retrieval relevance of M uniform candidates, T chosen by `aks_select`."""
 
+    def __init__(self, *args, threshold: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threshold = threshold
+
     def choose(self, clip: Clip, query: str) -> list[int]:
-        return aks_select(self.frame_scores(clip, query).cpu(), self.num)
+        return aks_select(self.frame_scores(clip, query).cpu(), self.num, threshold=self.threshold)
 
     def __call__(self, sample) -> Clip:
         return pick_frames(sample, self.candidates, self.num, self.choose)

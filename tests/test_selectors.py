@@ -71,6 +71,16 @@ def test_aks_takes_top_t_where_relevance_is_concentrated_and_splits_where_it_is_
     assert aks_select(event, 6, max_depth=0) == select_top(event, 6)  # no split allowed: plain top-T
 
 
+def test_aks_threshold_runs_from_top_t_to_full_coverage():
+    """threshold 0: every segment with any spread takes its top k (plain top-T); threshold 1: no segment ever
+    does, so the split goes on until each frame has its own stretch (one of every two of 16 candidates)."""
+    for seed in range(10):
+        scores = torch.rand(16, generator=torch.Generator().manual_seed(seed))
+        assert aks_select(scores, 8, threshold=0.0) == select_top(scores, 8)
+        chosen = aks_select(scores, 8, threshold=1.0)
+        assert all(len({2 * i, 2 * i + 1} & set(chosen)) == 1 for i in range(8))
+
+
 def test_dpp_takes_one_of_two_identical_frames_when_a_diverse_one_exists():
     # Frames 2 and 3 are the same picture, both the best match; frames 0, 1, 4, 5 are different pictures.
     x = torch.eye(6, dtype=torch.float64)

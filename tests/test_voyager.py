@@ -78,9 +78,9 @@ def test_validation_pair_accuracy_overall_and_on_the_larger_gap_half():
     out = summarize(sums)
     assert sums["pairs"] == 6 and sums["pairs_large_gap"] == 3
     assert out["pair_accuracy"] == pytest.approx(5 / 6) and out["pair_accuracy_large_gap"] == pytest.approx(2 / 3)
-    # A margin removes pairs from both counts; the larger-gap threshold is never below it.
-    sums = validate(lambda frames, query: rewards, [item], 0.95, 1, "cpu", large_gap=0.5)
-    assert sums["pairs"] == 4 and sums["pairs_large_gap"] == 4
+    # The margin selects the pairs of the overall accuracy only: the larger-gap pairs stay the same.
+    sums = validate(lambda frames, query: rewards, [item], 0.95, 1, "cpu", large_gap=1.0)
+    assert sums["pairs"] == 4 and sums["pairs_large_gap"] == 3 and sums["correct"] == 3
 
 
 def test_combination_score_is_the_mean_reward_of_its_frames():
@@ -262,6 +262,12 @@ def test_voyager_select_aks_applies_aks_to_the_scorers_frame_rewards(trained, ti
         assert aks(sample).indices == [clip.indices[p] for p in aks_select(rewards, 4)]
     with pytest.raises(ConfigError, match="voyager_select: 'best' is not one of 'top', 'aks'"):
         load_config(FramesConfig, None, ["voyager_select=best"])
+    # frames.aks_threshold reaches the selection: 0 is plain top-T, with the scorer's rewards as with retrieval's
+    zero = make_selector(FramesConfig(**cfg, voyager_select="aks", aks_threshold=0.0))
+    sample = load_samples(tiny_world_dir / "test.json")[0]
+    assert zero(sample).indices == top(sample).indices
+    with pytest.raises(ConfigError, match=r"frames.aks_threshold: must be in \[0, 1\]"):
+        FramesConfig(aks_threshold=1.5).validate()
 
 
 def test_retrieval_with_a_clip_model_keeps_the_most_similar_frames(tiny_world_dir, tmp_path):
