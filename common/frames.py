@@ -9,7 +9,6 @@ training-free AKS (relevance + coverage) and DPP (relevance + diversity) choose 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import zlib
 from collections import OrderedDict
@@ -41,10 +40,11 @@ class FramesConfig:
     image_max_pixels: int = 0  # pixel budget per image; 0 = processor default
     candidates: int = 16  # M candidate frames scored by voyager / retrieval / aks / dpp
     voyager: str = ""  # directory of a trained Frame-Voyager (voyager.json + voyager.safetensors)
-    # How strategy=voyager turns its frame scores into T frames: "top" (the paper: the T best) or "aks" (AKS's
+    # How strategy=voyager turns its frame scores into T frames: "top" (the paper: the T best), "aks" (AKS's
     # judge-and-split on the scores, common.selectors.aks_select: where no part of the video stands out, the
-    # frames stay spread over it, so questions about the whole video keep their coverage).
-    voyager_select: Literal["top", "aks"] = "top"
+    # frames stay spread over it) or "dpp" (common.selectors.dpp_select: the scores as quality, the frames'
+    # backbone features as similarity, so the T frames also differ from each other: set-aware, like MDP3).
+    voyager_select: Literal["top", "aks", "dpp"] = "top"
     # AKS's judge (strategy=aks, voyager_select=aks): a segment whose top-k mean normalised score exceeds its mean by
     # more than this takes its top k; otherwise it is split in two. 0 = always the top T; 1 = always split (coverage).
     aks_threshold: float = 0.5
@@ -149,13 +149,8 @@ def _make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
     if cfg.strategy == "voyager":  # the scorer (and its backbone, if not the answering model) loads once, here
         from common.voyager import VoyagerSelector
 
-        select = None
-        if cfg.voyager_select == "aks":
-            from common.selectors import aks_select
-
-            select = functools.partial(aks_select, threshold=cfg.aks_threshold)
         return VoyagerSelector(cfg.voyager, cfg.candidates, cfg.num, model=model, processor=processor,
-                               select=select)
+                               select=cfg.voyager_select, aks_threshold=cfg.aks_threshold)
     if cfg.strategy == "retrieval":
         from common.voyager import RetrievalSelector
 

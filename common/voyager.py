@@ -271,16 +271,19 @@ def check_backbone(spec: VoyagerSpec, model) -> None:
 
 class VoyagerSelector:
     """Reads M uniform candidates, scores them in one backbone pass, returns T of them in temporal order: the
-    top T, or what `select(scores, T)` picks (frames.voyager_select=aks: common.selectors.aks_select).
+    top T (the paper), or, set-aware (frames.voyager_select), AKS's judge-and-split on the scores or a DPP that
+    trades them against the frames' similarity (common.selectors).
 
     The backbone is the answering model itself when it is the one the heads were trained on (no second
     copy in memory); otherwise it is loaded from the path in voyager.json (plug-and-play: any answering
     model can use a Voyager trained on another backbone).
     """
 
-    def __init__(self, directory: str, candidates: int, num: int, model=None, processor=None,
-                 select: Callable[[torch.Tensor, int], Sequence[int]] | None = None):
-        self.select = select or select_top  # (frame scores, T) -> positions
+    def __init__(self, directory: str, candidates: int, num: int, model=None, processor=None, select: str = "top",
+                 aks_threshold: float = 0.5):
+        if select not in ("top", "aks", "dpp"):
+            raise ValueError(f"unknown Voyager selection {select!r} (top, aks, dpp)")
+        self.select, self.aks_threshold = select, aks_threshold
         spec = VoyagerSpec(**json.loads((Path(directory) / CONFIG_NAME).read_text()))
         same = model is not None and spec.fingerprint is not None and \
             fingerprint_mismatch(spec.fingerprint, backbone_fingerprint(model)) is None
@@ -309,9 +312,23 @@ class VoyagerSelector:
         frames, q = backbone_features(self.model, self.processor, clip, query, self.spec.layers)
         return self.heads(frames, q)
 
+    @torch.no_grad()
+    def choose(self, clip: Clip, query: str) -> list[int]:
+        """Positions of the T frames: the top T of the rewards, AKS's judge-and-split on them, or a DPP with the
+        rewards as quality and the cosine similarity of the frames' backbone features (mean over their tokens)."""
+        frames, q = backbone_features(self.model, self.processor, clip, query, self.spec.layers)
+        rewards = self.heads(frames, q).cpu()
+        if self.select == "top":
+            return select_top(rewards, self.num)
+        from common.selectors import aks_select, dpp_select  # common.selectors imports this module
+
+        if self.select == "aks":
+            return aks_select(rewards, self.num, threshold=self.aks_threshold)
+        unit = F.normalize(frames.mean(1).double(), dim=-1)
+        return dpp_select(rewards, (unit @ unit.T).cpu(), self.num)
+
     def __call__(self, sample) -> Clip:
-        return pick_frames(sample, self.candidates, self.num,
-                           lambda clip, query: self.select(self.frame_rewards(clip, query).cpu(), self.num))
+        return pick_frames(sample, self.candidates, self.num, self.choose)
 
 
 class RetrievalSelector:

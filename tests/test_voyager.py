@@ -244,25 +244,33 @@ def test_a_scorer_picks_frames_for_another_familys_model(trained, tiny_world_dir
         VoyagerSelector(str(moved), candidates=12, num=3)
 
 
-def test_voyager_select_aks_applies_aks_to_the_scorers_frame_rewards(trained, tiny_world_dir):
-    """frames.voyager_select=aks: the frames are aks_select of the same rewards the top-T selector ranks."""
+def test_voyager_select_runs_aks_or_a_dpp_on_the_scorers_frame_rewards(trained, tiny_world_dir):
+    """frames.voyager_select: the frames are select_top / aks_select / dpp_select of the rewards the scorer gives
+    (the DPP's similarity: cosine of the frames' mean backbone features), recomputed here step by step."""
     from common.config import ConfigError, load_config
     from common.frames import FramesConfig, make_selector
-    from common.selectors import aks_select
-    from common.voyager import read_candidates, voyager_query
+    from common.selectors import aks_select, dpp_select
+    from common.voyager import backbone_features, read_candidates, voyager_query
 
     out, _, _ = trained
     cfg = dict(strategy="voyager", voyager=str(out / "voyager"), candidates=12, num=4)
     top = make_selector(FramesConfig(**cfg))
     aks = make_selector(FramesConfig(**cfg, voyager_select="aks"))
+    dpp = make_selector(FramesConfig(**cfg, voyager_select="dpp"))
     for sample in load_samples(tiny_world_dir / "test.json")[:6]:
         clip = read_candidates(sample.path, 12, 4)
-        rewards = top.frame_rewards(clip, voyager_query(sample.problem, sample.options)).cpu()
+        query = voyager_query(sample.problem, sample.options)
+        with torch.no_grad():
+            frames, q = backbone_features(top.model, top.processor, clip, query, top.spec.layers)
+            rewards = top.heads(frames, q)
+        assert torch.equal(rewards, top.frame_rewards(clip, query))
+        unit = torch.nn.functional.normalize(frames.mean(1).double(), dim=-1)
         assert top(sample).indices == [clip.indices[p] for p in select_top(rewards, 4)]
         assert aks(sample).indices == [clip.indices[p] for p in aks_select(rewards, 4)]
-    with pytest.raises(ConfigError, match="voyager_select: 'best' is not one of 'top', 'aks'"):
+        assert dpp(sample).indices == [clip.indices[p] for p in dpp_select(rewards, unit @ unit.T, 4)]
+    with pytest.raises(ConfigError, match="voyager_select: 'best' is not one of 'top', 'aks', 'dpp'"):
         load_config(FramesConfig, None, ["voyager_select=best"])
-    # frames.aks_threshold reaches the selection: 0 is plain top-T, with the scorer's rewards as with retrieval's
+    # frames.aks_threshold reaches the selection: 0 is plain top-T
     zero = make_selector(FramesConfig(**cfg, voyager_select="aks", aks_threshold=0.0))
     sample = load_samples(tiny_world_dir / "test.json")[0]
     assert zero(sample).indices == top(sample).indices
