@@ -201,9 +201,9 @@ def print_table(summary: dict, title: str) -> None:
     if "sampled" in summary:
         keys = ("greedy_accuracy", "sampled_accuracy", "mode_accuracy", "pass_at_k", "zero_advantage_groups")
         print(f"\nheadroom for RL ({summary['sampled']['overall']['num_samples']} samples per question)\n"
-              f"{'group':<28}" + "".join(f"{k.replace('_accuracy', '').replace('_groups', ''):>12}" for k in keys))
+              f"{'group':<28}" + "".join(f"{k.replace('_accuracy', '').replace('_groups', ''):>16}" for k in keys))
         for name, h in [("all", summary["sampled"]["overall"]), *summary["sampled"]["by_family"].items()]:
-            print(f"{name:<28}" + "".join(f"{h[k]:>12.3f}" for k in keys))
+            print(f"{name:<28}" + "".join(f"{h[k]:>16.3f}" for k in keys))
 
 
 def main() -> None:

@@ -10,6 +10,8 @@
 #   VISION_STEPS=2500 bash run.sh   pretrains the tiny vision tower first (README, "A pretrained tiny vision tower")
 #                        -> outputs/tiny_tower (the default keeps the random tower of the README's tables)
 #   ALL_FRAMES=1 bash run.sh   adds the SFT model on all 64 frames (a probe: far outside its training, it fails)
+#   RL_ARGS="temperature=0.7" VOYAGER_ARGS="epochs=30" bash run.sh   config overrides for every GRPO / KTR run and
+#                        for the Voyager scorer (a stage already done is not redone: use a new OUT)
 #   JOBS=1 bash run.sh   one stage at a time (default 2: after SFT, stages run side by side, logs in OUT/logs)
 #   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
 #   bash run.sh test     lint + the test suite
@@ -118,7 +120,7 @@ case $MODE in
       stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
         model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
       stage voyager $OUT/voyager/voyager.json   python train_voyager.py --config configs/tiny/voyager.yaml \
-        model=$SFT labels=$OUT/labels/labels.jsonl output_dir=$OUT/voyager
+        model=$SFT labels=$OUT/labels/labels.jsonl output_dir=$OUT/voyager ${VOYAGER_ARGS:-}
       for m in $CANDIDATES; do frames voyager $m; done
     }
     frames() {  # frames STRATEGY M: the SFT model's 8 frames picked from M uniform candidates (uniform = eval_sft)
@@ -131,7 +133,7 @@ case $MODE in
       local name=$run$([ $seed = 0 ] || echo _seed$seed)  # seed 0 is the default pipeline's run
       stage $name $OUT/$name/final/config.json python train_ktr.py --config configs/tiny/$config.yaml \
         model=$SFT data=$DATA/rl.json output_dir=$OUT/$name max_steps=$RL_STEPS \
-        batch_size=$RL_BATCH seed=$seed "$@"
+        batch_size=$RL_BATCH seed=$seed ${RL_ARGS:-} "$@"
       stage eval_$name $OUT/eval/${name}_uniform/summary.json $EVAL model=$OUT/$name/final \
         output_dir=$OUT/eval/${name}_uniform
     }

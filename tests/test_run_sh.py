@@ -98,10 +98,16 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
 
 
 def test_vision_steps_pretrains_the_tower_that_sft_starts_from(tmp_path):
+    """VISION_STEPS adds the tower stage and SFT starts from it; RL_ARGS and VOYAGER_ARGS reach the GRPO / KTR
+    runs and the scorer (run until the first RL run and the scorer have finished)."""
     out = tmp_path / "t"
-    proc = start(out, VISION_STEPS="3", VISION_SCENES="40")
-    for line in proc.stdout:  # stop once SFT has finished: the stages after it are tested above
-        if line.startswith("== sft: finished"):
+    proc = start(out, VISION_STEPS="3", VISION_SCENES="40", RL_ARGS="temperature=0.7 top_p=0.9",
+                 VOYAGER_ARGS="epochs=3")
+    finished = set()
+    for line in proc.stdout:
+        if line.startswith(("== ktr: finished", "== voyager: finished")):
+            finished.add(line.split(":")[0])
+        if len(finished) == 2:
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
@@ -109,3 +115,6 @@ def test_vision_steps_pretrains_the_tower_that_sft_starts_from(tmp_path):
     assert pretrained["steps"] == 3 and pretrained["scenes"] == 40
     sft = yaml.safe_load((out / "sft" / "config.yaml").read_text())
     assert sft["model"] == str(out / "tower")
+    ktr = yaml.safe_load((out / "ktr" / "config.yaml").read_text())
+    assert (ktr["temperature"], ktr["top_p"], ktr["seed"]) == (0.7, 0.9, 0)
+    assert yaml.safe_load((out / "voyager" / "config.yaml").read_text())["epochs"] == 3
