@@ -308,16 +308,19 @@ class VoyagerSelector:
         self.candidates, self.num = candidates, num
 
     @torch.no_grad()
-    def frame_rewards(self, clip: Clip, query: str) -> torch.Tensor:
+    def features_and_rewards(self, clip: Clip, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frame features M x P x H, frame rewards M): one backbone pass."""
         frames, q = backbone_features(self.model, self.processor, clip, query, self.spec.layers)
-        return self.heads(frames, q)
+        return frames, self.heads(frames, q)
 
-    @torch.no_grad()
+    def frame_rewards(self, clip: Clip, query: str) -> torch.Tensor:
+        return self.features_and_rewards(clip, query)[1]
+
     def choose(self, clip: Clip, query: str) -> list[int]:
         """Positions of the T frames: the top T of the rewards, AKS's judge-and-split on them, or a DPP with the
         rewards as quality and the cosine similarity of the frames' backbone features (mean over their tokens)."""
-        frames, q = backbone_features(self.model, self.processor, clip, query, self.spec.layers)
-        rewards = self.heads(frames, q).cpu()
+        frames, rewards = self.features_and_rewards(clip, query)
+        rewards = rewards.cpu()
         if self.select == "top":
             return select_top(rewards, self.num)
         from common.selectors import aks_select, dpp_select  # common.selectors imports this module
