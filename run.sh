@@ -10,6 +10,9 @@
 #   VISION_STEPS=2500 bash run.sh   pretrains the tiny vision tower first (README, "A pretrained tiny vision tower")
 #                        -> outputs/tiny_tower (the default keeps the random tower of the README's tables)
 #   ALL_FRAMES=1 bash run.sh   adds the SFT model on all 64 frames (a probe: far outside its training, it fails)
+#   RL_FRAMES=voyager bash run.sh   GRPO and KTR train on the 8 frames the Voyager scorer picks from 16 candidates,
+#                        and are judged on them (runs grpo_voyager, ktr_voyager; the scorer is trained first);
+#                        RL_FRAMES="uniform voyager" runs both (default uniform)
 #   RL_ARGS="temperature=0.7" VOYAGER_ARGS="epochs=30" bash run.sh   config overrides for every GRPO / KTR run and
 #                        for the Voyager scorer (a stage already done is not redone: use a new OUT)
 #   JOBS=1 bash run.sh   one stage at a time (default 2: after SFT, stages run side by side, logs in OUT/logs)
@@ -105,6 +108,10 @@ case $MODE in
     [ "$MODE" = ablation ] && RL_SEEDS=${RL_SEEDS:-3} || RL_SEEDS=${RL_SEEDS:-1}
     DATA=$OUT/data SFT=$OUT/sft/final CANDIDATES=${CANDIDATES:-16 32}
     EVAL="python eval.py --config configs/tiny/eval.yaml data=$DATA/test.json"
+    RL_FRAMES=${RL_FRAMES:-uniform}
+    for on in $RL_FRAMES; do
+      [ "$on" = uniform ] || [ "$on" = voyager ] || { echo "RL_FRAMES: '$on' is not uniform or voyager" >&2; exit 2; }
+    done
     stage data    $DATA/test.json             python -m common.tinyworld --out $DATA --train $N_TRAIN --test $N_TEST --seed 0
     stage model   $OUT/model/config.json      python -m common.models build-tiny --arch $ARCH --out $OUT/model --max-pixels $PIXELS --seed 0
     BASE=$OUT/model
@@ -116,38 +123,46 @@ case $MODE in
     stage split   $DATA/rl.json               python -m common.data split $DATA/train.json $N_SFT $DATA/sft.json $DATA/rl.json
     stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
       model=$BASE data=$DATA/sft.json output_dir=$OUT/sft max_steps=$SFT_STEPS
-    voyager() {  # labels -> the scorer -> the SFT model's answers on the frames it picks
+    scorer() {  # labels -> the Voyager scorer
       stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
         model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
       stage voyager $OUT/voyager/voyager.json   python train_voyager.py --config configs/tiny/voyager.yaml \
         model=$SFT labels=$OUT/labels/labels.jsonl output_dir=$OUT/voyager ${VOYAGER_ARGS:-}
+    }
+    voyager() {  # the scorer -> the SFT model's answers on the frames it picks
+      scorer
       for m in $CANDIDATES; do frames voyager $m; done
     }
     frames() {  # frames STRATEGY M: the SFT model's 8 frames picked from M uniform candidates (uniform = eval_sft)
       stage eval_$1_m$2 $OUT/eval/sft_$1_m$2/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_$1_m$2 \
         frames.strategy=$1 frames.candidates=$2 frames.voyager=$OUT/voyager
     }
-    rl() {  # rl RUN SEED [overrides...]: train RUN (a configs/tiny/ktr.yaml variant) with SEED, evaluate on test
-      local run=$1 seed=$2 config=ktr; shift 2
+    rl() {  # rl RUN SEED FRAMES [overrides...]: train RUN (a configs/tiny/ktr.yaml variant) with SEED on FRAMES
+            # (uniform, or voyager: the scorer's 8 of 16 candidates), evaluate on test with the same frames
+      local run=$1 seed=$2 on=$3 config=ktr picked=; shift 3
       [ $run = grpo ] && config=grpo
+      [ $on = voyager ] && run=${run}_voyager \
+        picked="frames.strategy=voyager frames.voyager=$OUT/voyager frames.candidates=16"
       local name=$run$([ $seed = 0 ] || echo _seed$seed)  # seed 0 is the default pipeline's run
       stage $name $OUT/$name/final/config.json python train_ktr.py --config configs/tiny/$config.yaml \
         model=$SFT data=$DATA/rl.json output_dir=$OUT/$name max_steps=$RL_STEPS \
-        batch_size=$RL_BATCH seed=$seed ${RL_ARGS:-} "$@"
-      stage eval_$name $OUT/eval/${name}_uniform/summary.json $EVAL model=$OUT/$name/final \
-        output_dir=$OUT/eval/${name}_uniform
+        batch_size=$RL_BATCH seed=$seed $picked ${RL_ARGS:-} "$@"
+      stage eval_$name $OUT/eval/${name}_$on/summary.json $EVAL model=$OUT/$name/final \
+        output_dir=$OUT/eval/${name}_$on $picked
     }
+    # RL on Voyager's frames needs the scorer first: labels and scorer here, at every thread, before the pool
+    [[ " $RL_FRAMES " = *" voyager "* ]] && scorer
     # From here on every stage needs only the SFT model: JOBS at a time (pool), the longest first.
-    for seed in $(seq 0 $((RL_SEEDS - 1))); do  # GRPO and KTR: the same budget and seeds (a paired comparison)
-      pool rl ktr $seed
-      pool rl grpo $seed
-    done
+    for on in $RL_FRAMES; do for seed in $(seq 0 $((RL_SEEDS - 1))); do  # GRPO and KTR: the same budget and
+      pool rl ktr $seed $on                                                # seeds (a paired comparison)
+      pool rl grpo $seed $on
+    done; done
     if [ "$MODE" = ablation ]; then  # each signal alone: configs/tiny/ktr.yaml with the other two switched off
-      for seed in $(seq 0 $((RL_SEEDS - 1))); do
-        pool rl ktr_visual $seed attribution.temporal=false attribution.entropy=false
-        pool rl ktr_temporal $seed attribution.visual=false attribution.entropy=false
-        pool rl ktr_entropy $seed attribution.visual=false attribution.temporal=false
-      done
+      for on in $RL_FRAMES; do for seed in $(seq 0 $((RL_SEEDS - 1))); do
+        pool rl ktr_visual $seed $on attribution.temporal=false attribution.entropy=false
+        pool rl ktr_temporal $seed $on attribution.visual=false attribution.entropy=false
+        pool rl ktr_entropy $seed $on attribution.visual=false attribution.temporal=false
+      done; done
     else
       pool voyager
     fi

@@ -21,12 +21,26 @@ from common.jsonl import read_jsonl, write_json
 
 QA_RUNS = {"sft": "sft_uniform", "grpo": "grpo_uniform", "ktr": "ktr_uniform", "sft_all_frames": "sft_all"}
 # RL runs by seed (run.sh: RL_SEEDS=N and `bash run.sh ablation`): <run>[_seed<k>] trained into OUT/<run>[_seed<k>]
-# and evaluated into eval/<run>[_seed<k>]_uniform; seed 0 has no suffix, so it is the default pipeline's run.
-RL_EVAL = re.compile(r"^(?P<run>grpo|ktr(?:_[a-z]+)?)(?:_seed(?P<seed>\d+))?_uniform$")
+# and evaluated into eval/<run>[_seed<k>]_<frames>; seed 0 has no suffix, so it is the default pipeline's run.
+# A run named *_voyager (run.sh RL_FRAMES=voyager) trained on the frames Voyager picks and is judged on them;
+# every other run on uniform frames. An evaluation on other frames than the run's own is not a seed-table entry.
+RL_EVAL = re.compile(r"^(?P<run>(?:grpo|ktr)(?:_[a-z]+)*)(?:_seed(?P<seed>\d+))?_(?P<frames>uniform|voyager)$")
+
+
+def run_frames(run: str) -> str:
+    """The frames an RL run trained on, and is judged on: voyager for a *_voyager run, else uniform."""
+    return "voyager" if run.endswith("_voyager") else "uniform"
+
+
+def baseline(run: str) -> str:
+    """The GRPO run a run is paired with: GRPO on the same frames."""
+    return "grpo_voyager" if run_frames(run) == "voyager" else "grpo"
 # The paper's ablation (mean of Video-Holmes / VideoMMMU / MMVU at 32 frames, Video-KTR Table) next to our rows.
 PAPER_ABLATION = {"grpo": 51.1, "ktr_temporal": 52.6, "ktr_visual": 52.5, "ktr": 53.4}
 ABLATION_NAMES = {"grpo": "GRPO (no signal)", "ktr_visual": "visual only", "ktr_temporal": "temporal only",
-                  "ktr_entropy": "entropy only", "ktr": "all three (KTR)"}
+                  "ktr_entropy": "entropy only", "ktr": "all three (KTR)",
+                  "grpo_voyager": "GRPO on Voyager's frames", "ktr_voyager": "KTR on Voyager's frames"}
+MAIN_RUNS = ("grpo", "ktr", "grpo_voyager", "ktr_voyager")  # drawn bold with their seeds' band
 # Two-sided 95 % Student t quantiles by degrees of freedom, for intervals over a few seeds.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 FRAME_RUNS = {"uniform": "sft_uniform",  # eval/<dir> of each frame strategy; M = 16 candidates, or 32
@@ -118,9 +132,9 @@ def collect_seeds(out: Path) -> dict:
     """Every RL run's test accuracy by seed, its mean and spread, the fraction of tokens it selected, and
     each KTR variant's paired difference to GRPO over the seeds both have (same seeds = same prompts)."""
     runs: dict[str, dict[int, dict]] = {}
-    for path in sorted((out / "eval").glob("*_uniform/summary.json")):
+    for path in sorted((out / "eval").glob("*/summary.json")):
         match = RL_EVAL.match(path.parent.name)
-        if match is None:
+        if match is None or match["frames"] != run_frames(match["run"]):
             continue
         run, seed = match["run"], int(match["seed"] or 0)
         entry = qa_entry(json.loads(path.read_text()))
@@ -145,12 +159,12 @@ def collect_seeds(out: Path) -> dict:
             "train_reward": {str(k): e.get("train_reward", []) for k, e in sorted(by_seed.items())},
         }
     paired = {}
-    if "grpo" in runs:
-        for run, by_seed in runs.items():
-            common = sorted(set(by_seed) & set(runs["grpo"]))
-            if run != "grpo" and common:
-                paired[f"{run} - grpo"] = paired_interval(
-                    [by_seed[k]["accuracy"] - runs["grpo"][k]["accuracy"] for k in common])
+    for run, by_seed in runs.items():
+        base = baseline(run)
+        common = sorted(set(by_seed) & set(runs.get(base, {})))
+        if run != base and common:
+            paired[f"{run} - {base}"] = paired_interval(
+                [by_seed[k]["accuracy"] - runs[base][k]["accuracy"] for k in common])
     return {"runs": table, "paired": paired}
 
 
@@ -162,7 +176,7 @@ def collect(out: Path) -> dict:
     results: dict = {"qa": {}, "frame_selection": {}, "ktr_tokens": {}, "timings": {}, "skipped": {},
                      "date": time.strftime("%Y-%m-%d")}
     seeds = collect_seeds(out)
-    if len(seeds["runs"]) > 2 or any(len(r["seeds"]) > 1 for r in seeds["runs"].values()):
+    if set(seeds["runs"]) - {"grpo", "ktr"} or any(len(r["seeds"]) > 1 for r in seeds["runs"].values()):
         results["seeds"] = seeds  # only when there is more than the default one-seed GRPO / KTR pair
     for key, name in QA_RUNS.items():
         if (s := summary(name)) is not None:
@@ -187,7 +201,7 @@ def collect(out: Path) -> dict:
     return results
 
 
-RL_RUN = re.compile(r"^(?P<run>grpo|ktr(?:_[a-z]+)?)(?:_seed\d+)?$")  # OUT/<run>[_seed<k>]: the pipeline's RL runs
+RL_RUN = re.compile(r"^(?P<run>(?:grpo|ktr)(?:_[a-z]+)*)(?:_seed\d+)?$")  # OUT/<run>[_seed<k>]: the pipeline's RL runs
 SIGNAL_COLORS = {"visual": "tab:blue", "temporal": "tab:orange", "entropy": "tab:green", "union": "black"}
 
 
@@ -251,20 +265,19 @@ def plots(out: Path) -> list[str]:
     runs = dict(sorted(runs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     if runs:
         colors = {"grpo": "tab:blue", "ktr": "tab:red", "ktr_visual": "tab:cyan", "ktr_temporal": "tab:orange",
-                  "ktr_entropy": "tab:green"}
+                  "ktr_entropy": "tab:green", "grpo_voyager": "tab:purple", "ktr_voyager": "tab:brown"}
         metrics = {name: [read_jsonl(p / "metrics.jsonl") for p in dirs] for name, dirs in runs.items()}
         panels = [("reward", "training reward"), ("accuracy", "training accuracy (sampled)"),
                   ("kl", "KL to the reference"), ("completion_length", "completion length (tokens)"),
                   ("selected/union", "tokens with gradient (union of signals)"),
                   ("zero_advantage", "groups with zero advantage (all right / all wrong)")]
-        tokens = {name: [read_jsonl(p / "tokens.jsonl") for p in runs[name]] for name in ("grpo", "ktr")
-                  if name in runs}
+        tokens = {name: [read_jsonl(p / "tokens.jsonl") for p in runs[name]] for name in MAIN_RUNS if name in runs}
         families = sorted({f for seeds in tokens.values() for rows in seeds for f in family_accuracy(rows)[1]})
         fig, axes = plt.subplots(3, 4, figsize=(18, 11))
         for name, seeds in metrics.items():
             n = min(len(rows) for rows in seeds)
             steps = [r["step"] for r in seeds[0][:n]]
-            main = name in ("grpo", "ktr")  # the ablations thinner: GRPO vs KTR reads at a glance
+            main = name in MAIN_RUNS  # the ablations thinner: GRPO vs KTR reads at a glance
             style = {"linewidth": 2.0 if main else 1.2, "alpha": 1.0 if main else 0.8}
             label = f"{ABLATION_NAMES.get(name, name)} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
             for ax, (key, _) in zip(axes.flat, panels, strict=False):
@@ -409,9 +422,13 @@ def seeds_markdown(seeds: dict) -> list[str]:
     order = ["visual", "temporal", "entropy", "union"]
     signals = sorted({k for r in runs.values() for k in r["selected"]}, key=lambda k: order.index(k) if k in order
                      else len(order))
+    voyager = any(run_frames(run) == "voyager" for run in runs)
     lines = ["## RL over seeds: the paper's ablation on the tiny default (test split, greedy, 8 uniform frames)", "",
              "Accuracy is the mean ± std over seeds; per-family columns are means; the selected fractions are",
-             "averaged over training steps; the paper column is the Video-KTR ablation (mean of three benchmarks).", "",
+             "averaged over training steps; the paper column is the Video-KTR ablation (mean of three benchmarks)."
+             + (" Runs on Voyager's frames (run.sh RL_FRAMES=voyager) trained and are judged on the 8 frames the"
+                " scorer picks from 16 candidates: compare them with the SFT model's `voyager` row of the frame"
+                " selection table." if voyager else ""), "",
              "| run | seeds | accuracy | " + " | ".join(families) + " | " + " | ".join(f"sel. {k}" for k in signals)
              + " | paper |", "|---|---|---|" + "---|" * (len(families) + len(signals) + 1)]
     for run in sorted(runs, key=lambda r: list(ABLATION_NAMES).index(r) if r in ABLATION_NAMES else 99):

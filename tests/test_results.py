@@ -1,5 +1,7 @@
 """The results collector's token analysis and the attribution page, on hand-made rows."""
 
+import shutil
+
 import pytest
 
 from common.report import write_attribution_html
@@ -71,6 +73,34 @@ def test_seed_table_means_spread_and_paired_interval_to_grpo(tmp_path):
     assert seeds["paired"]["ktr_visual - grpo"]["n"] == 1 and seeds["paired"]["ktr_visual - grpo"]["ci95"] is None
     page = markdown(collect(tmp_path), [])
     assert "| all three (KTR) | 3 | 0.450 ± 0.020 |" in page and "| 53.4 |" in page and "ktr - grpo" in page
+
+
+def test_runs_on_voyager_frames_pair_with_grpo_on_the_same_frames(tmp_path):
+    """run.sh RL_FRAMES=voyager: grpo_voyager / ktr_voyager, judged on Voyager's frames (eval/<run>_voyager), are
+    seed-table rows paired with each other, never with uniform GRPO; an evaluation on other frames than the run
+    trained on (uniform GRPO on Voyager's frames, a Voyager run on uniform frames) is not a seed-table entry."""
+    from common.results import collect, markdown
+
+    write_eval(tmp_path, "grpo_uniform", 0.40, {"count": 0.5})
+    write_eval(tmp_path, "ktr_uniform", 0.41, {"count": 0.5})
+    for seed, (g, k) in enumerate([(0.60, 0.62), (0.58, 0.57)]):
+        suffix = f"_seed{seed}" if seed else ""
+        write_eval(tmp_path, f"grpo_voyager{suffix}_voyager", g, {"count": g})
+        write_eval(tmp_path, f"ktr_voyager{suffix}_voyager", k, {"count": k})
+    write_eval(tmp_path, "grpo_voyager", 0.99, {"count": 0.99})  # uniform GRPO judged on Voyager's frames
+    write_eval(tmp_path, "ktr_voyager_uniform", 0.01, {"count": 0.01})  # a Voyager run judged on uniform frames
+    seeds = collect(tmp_path)["seeds"]
+    assert set(seeds["runs"]) == {"grpo", "ktr", "grpo_voyager", "ktr_voyager"}
+    assert seeds["runs"]["grpo"]["per_seed"] == {"0": 0.40}
+    assert seeds["runs"]["ktr_voyager"]["per_seed"] == {"0": 0.62, "1": 0.57}
+    assert set(seeds["paired"]) == {"ktr - grpo", "ktr_voyager - grpo_voyager"}
+    assert seeds["paired"]["ktr_voyager - grpo_voyager"]["per_seed"] == pytest.approx([0.02, -0.01])
+    page = markdown(collect(tmp_path), [])
+    assert "| KTR on Voyager's frames | 2 | 0.595 ± 0.035 |" in page and "RL_FRAMES=voyager" in page
+    # one seed of each on Voyager's frames alone still gets the seed table (more than the default pair)
+    for seed_dir in ("grpo_voyager_seed1_voyager", "ktr_voyager_seed1_voyager", "grpo_uniform", "ktr_uniform"):
+        shutil.rmtree(tmp_path / "eval" / seed_dir)
+    assert set(collect(tmp_path)["seeds"]["runs"]) == {"grpo_voyager", "ktr_voyager"}
 
 
 def test_family_accuracy_bins_steps_and_training_curves_are_drawn(tmp_path):

@@ -118,3 +118,32 @@ def test_vision_steps_pretrains_the_tower_that_sft_starts_from(tmp_path):
     ktr = yaml.safe_load((out / "ktr" / "config.yaml").read_text())
     assert (ktr["temperature"], ktr["top_p"], ktr["seed"]) == (0.7, 0.9, 0)
     assert yaml.safe_load((out / "voyager" / "config.yaml").read_text())["epochs"] == 3
+
+
+def test_rl_frames_voyager_trains_the_scorer_first_and_rl_on_its_frames(tmp_path):
+    """RL_FRAMES=voyager: labels and the scorer finish before any RL run starts; GRPO and KTR train on the frames
+    the scorer picks and are judged on them, and RESULTS.md pairs them with each other."""
+    out = tmp_path / "v"
+    proc = start(out, RL_FRAMES="voyager", ALL_FRAMES="")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    lines = output.splitlines()
+    first = {name: next(i for i, line in enumerate(lines) if line.startswith(f"== {name}:"))
+             for name in ("voyager", "ktr_voyager", "grpo_voyager")}
+    assert "== voyager: finished" in lines[first["voyager"] + 1] or any(
+        line.startswith("== voyager: finished") for line in lines[: first["ktr_voyager"]]), output[-3000:]
+    assert first["voyager"] < min(first["ktr_voyager"], first["grpo_voyager"])
+    assert not (out / "grpo").exists() and not (out / "ktr").exists()  # uniform RL only when RL_FRAMES has it
+    for run in ("grpo_voyager", "ktr_voyager"):
+        frames = yaml.safe_load((out / run / "config.yaml").read_text())["frames"]
+        assert (frames["strategy"], frames["voyager"], frames["candidates"]) == ("voyager", str(out / "voyager"), 16)
+        assert json.loads((out / "eval" / f"{run}_voyager" / "summary.json").read_text())["frames"] == "voyager"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["seeds"]["runs"]) == {"grpo_voyager", "ktr_voyager"}
+    assert set(results["seeds"]["paired"]) == {"ktr_voyager - grpo_voyager"}
+    assert "KTR on Voyager's frames" in (out / "RESULTS.md").read_text()
+    # a typo in RL_FRAMES stops run.sh before its first stage
+    proc = start(tmp_path / "w", RL_FRAMES="voyagr")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "RL_FRAMES: 'voyagr' is not uniform or voyager" in output
+    assert "== data:" not in output and not (tmp_path / "w").exists()
