@@ -25,16 +25,6 @@ QA_RUNS = {"sft": "sft_uniform", "grpo": "grpo_uniform", "ktr": "ktr_uniform", "
 # A run named *_voyager (run.sh RL_FRAMES=voyager) trained on the frames Voyager picks and is judged on them;
 # every other run on uniform frames. An evaluation on other frames than the run's own is not a seed-table entry.
 RL_EVAL = re.compile(r"^(?P<run>(?:grpo|ktr)(?:_[a-z]+)*)(?:_seed(?P<seed>\d+))?_(?P<frames>uniform|voyager)$")
-
-
-def run_frames(run: str) -> str:
-    """The frames an RL run trained on, and is judged on: voyager for a *_voyager run, else uniform."""
-    return "voyager" if run.endswith("_voyager") else "uniform"
-
-
-def baseline(run: str) -> str:
-    """The GRPO run a run is paired with: GRPO on the same frames."""
-    return "grpo_voyager" if run_frames(run) == "voyager" else "grpo"
 # The paper's ablation (mean of Video-Holmes / VideoMMMU / MMVU at 32 frames, Video-KTR Table) next to our rows.
 PAPER_ABLATION = {"grpo": 51.1, "ktr_temporal": 52.6, "ktr_visual": 52.5, "ktr": 53.4}
 ABLATION_NAMES = {"grpo": "GRPO (no signal)", "ktr_visual": "visual only", "ktr_temporal": "temporal only",
@@ -49,6 +39,16 @@ FRAME_RUNS = {"uniform": "sft_uniform",  # eval/<dir> of each frame strategy; M 
               "dpp_m32": "sft_dpp_m32", "voyager_m32": "sft_voyager_m32",
               # run.sh CROSS_VOYAGER=DIR: a scorer trained on another model (its own backbone) picks the frames
               "voyager_cross": "sft_voyager_cross_m16", "voyager_cross_m32": "sft_voyager_cross_m32"}
+
+
+def run_frames(run: str) -> str:
+    """The frames an RL run trained on, and is judged on: voyager for a *_voyager run, else uniform."""
+    return "voyager" if run.endswith("_voyager") else "uniform"
+
+
+def baseline(run: str) -> str:
+    """The GRPO run a run is paired with: GRPO on the same frames."""
+    return "grpo_voyager" if run_frames(run) == "voyager" else "grpo"
 
 
 def informative_spans(text: str, words: list[str]) -> list[tuple[int, int]]:
@@ -130,7 +130,8 @@ def paired_interval(differences: list[float]) -> dict:
 
 def collect_seeds(out: Path) -> dict:
     """Every RL run's test accuracy by seed, its mean and spread, the fraction of tokens it selected, and
-    each KTR variant's paired difference to GRPO over the seeds both have (same seeds = same prompts)."""
+    each run's paired difference to GRPO on the same frames over the seeds both have (same seeds = same
+    prompts)."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted((out / "eval").glob("*/summary.json")):
         match = RL_EVAL.match(path.parent.name)
