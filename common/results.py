@@ -302,7 +302,7 @@ def plots(out: Path) -> list[str]:
         handles, labels = axes.flat[0].get_legend_handles_labels()
         axes.flat[len(panels) + 1].legend(handles, labels, loc="center", fontsize=10,
                                           title="smoothed over a tenth of the run;\n"
-                                                "faint: raw; band: seeds' range\n(both for GRPO and KTR only)")
+                                                "faint: raw; band: seeds' range\n(both for the bold runs only)")
         if axes.flat[len(panels)].lines:
             axes.flat[len(panels)].legend(fontsize=8)
         for i, ax in enumerate(axes.flat[8:]):
@@ -424,7 +424,8 @@ def seeds_markdown(seeds: dict) -> list[str]:
     signals = sorted({k for r in runs.values() for k in r["selected"]}, key=lambda k: order.index(k) if k in order
                      else len(order))
     voyager = any(run_frames(run) == "voyager" for run in runs)
-    lines = ["## RL over seeds: the paper's ablation on the tiny default (test split, greedy, 8 uniform frames)", "",
+    frames = "8 frames: uniform, Voyager's for the *_voyager runs" if voyager else "8 uniform frames"
+    lines = [f"## RL over seeds: the paper's ablation on the tiny default (test split, greedy, {frames})", "",
              "Accuracy is the mean ± std over seeds; per-family columns are means; the selected fractions are",
              "averaged over training steps; the paper column is the Video-KTR ablation (mean of three benchmarks)."
              + (" Runs on Voyager's frames (run.sh RL_FRAMES=voyager) trained and are judged on the 8 frames the"

@@ -73,6 +73,7 @@ def test_seed_table_means_spread_and_paired_interval_to_grpo(tmp_path):
     assert seeds["paired"]["ktr_visual - grpo"]["n"] == 1 and seeds["paired"]["ktr_visual - grpo"]["ci95"] is None
     page = markdown(collect(tmp_path), [])
     assert "| all three (KTR) | 3 | 0.450 ± 0.020 |" in page and "| 53.4 |" in page and "ktr - grpo" in page
+    assert "(test split, greedy, 8 uniform frames)" in page and "RL_FRAMES" not in page
 
 
 def test_runs_on_voyager_frames_pair_with_grpo_on_the_same_frames(tmp_path):
@@ -97,6 +98,7 @@ def test_runs_on_voyager_frames_pair_with_grpo_on_the_same_frames(tmp_path):
     assert seeds["paired"]["ktr_voyager - grpo_voyager"]["per_seed"] == pytest.approx([0.02, -0.01])
     page = markdown(collect(tmp_path), [])
     assert "| KTR on Voyager's frames | 2 | 0.595 ± 0.035 |" in page and "RL_FRAMES=voyager" in page
+    assert "(test split, greedy, 8 frames: uniform, Voyager's for the *_voyager runs)" in page
     # one seed of each on Voyager's frames alone still gets the seed table (more than the default pair)
     for seed_dir in ("grpo_voyager_seed1_voyager", "ktr_voyager_seed1_voyager", "grpo_uniform", "ktr_uniform"):
         shutil.rmtree(tmp_path / "eval" / seed_dir)
