@@ -128,11 +128,10 @@ def test_rl_frames_voyager_trains_the_scorer_first_and_rl_on_its_frames(tmp_path
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     lines = output.splitlines()
-    first = {name: next(i for i, line in enumerate(lines) if line.startswith(f"== {name}:"))
-             for name in ("voyager", "ktr_voyager", "grpo_voyager")}
-    assert "== voyager: finished" in lines[first["voyager"] + 1] or any(
-        line.startswith("== voyager: finished") for line in lines[: first["ktr_voyager"]]), output[-3000:]
-    assert first["voyager"] < min(first["ktr_voyager"], first["grpo_voyager"])
+    scorer_done = next(i for i, line in enumerate(lines) if line.startswith("== voyager: finished"))
+    rl_start = min(next(i for i, line in enumerate(lines) if line.startswith(f"== {run}:"))
+                   for run in ("ktr_voyager", "grpo_voyager"))
+    assert scorer_done < rl_start, output[-3000:]
     assert not (out / "grpo").exists() and not (out / "ktr").exists()  # uniform RL only when RL_FRAMES has it
     for run in ("grpo_voyager", "ktr_voyager"):
         frames = yaml.safe_load((out / run / "config.yaml").read_text())["frames"]
