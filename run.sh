@@ -152,7 +152,10 @@ case $MODE in
     }
     # RL on Voyager's frames needs the scorer first: labels and scorer here, at every thread, before the pool
     [[ " $RL_FRAMES " = *" voyager "* ]] && scorer
-    # From here on every stage needs only the SFT model: JOBS at a time (pool), the longest first.
+    # From here on every stage needs only the SFT model: JOBS at a time (pool), the longest first. The Voyager
+    # chain (labels -> scorer -> its evaluations) goes first: its stages cannot run side by side, and with
+    # N_LABEL=4800 it is the longest of all.
+    [ "$MODE" = ablation ] || pool voyager
     for on in $RL_FRAMES; do for seed in $(seq 0 $((RL_SEEDS - 1))); do  # GRPO and KTR: the same budget and
       pool rl ktr $seed $on                                                # seeds (a paired comparison)
       pool rl grpo $seed $on
@@ -163,8 +166,6 @@ case $MODE in
         pool rl ktr_temporal $seed $on attribution.visual=false attribution.entropy=false
         pool rl ktr_entropy $seed $on attribution.visual=false attribution.temporal=false
       done; done
-    else
-      pool voyager
     fi
     pool stage eval_sft $OUT/eval/sft_uniform/summary.json $EVAL model=$SFT output_dir=$OUT/eval/sft_uniform
     if [ "$MODE" != ablation ]; then

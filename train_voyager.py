@@ -43,7 +43,9 @@ from common.voyager import (
     VoyagerSpec,
     backbone_features,
     backbone_fingerprint,
+    batched_ranking_loss,
     combination_scores,
+    pad_batch,
     ranking_loss,
     save_voyager,
     select_top,
@@ -110,6 +112,33 @@ def extract(model, processor, rows: list[dict], layers: int, desc: str, show: bo
         items.append(Item(frames.cpu(), query.cpu(), torch.tensor(row["combinations"]), torch.tensor(row["losses"]),
                           row["candidate_indices"], row["total_frames"], None if evidence is None else set(evidence)))
     return items, skipped
+
+
+def batch_loss(heads, batch: list[Item], rng: random.Random, combos_per_sample: int, margin: float,
+               device) -> torch.Tensor:
+    """The mean over `batch` of each sample's ranking loss on `combos_per_sample` of its labeled combinations
+    (drawn with `rng`), all samples in one forward (padded). `per_sample_loss` is the same, one at a time."""
+    picks = [torch.tensor(rng.sample(range(len(it.losses)), min(len(it.losses), combos_per_sample or len(it.losses))))
+             for it in batch]
+    frames, frame_mask = pad_batch([it.frames for it in batch])
+    query, query_mask = pad_batch([it.query for it in batch])
+    combos, valid = pad_batch([it.combinations[p] for it, p in zip(batch, picks, strict=True)])
+    losses, _ = pad_batch([it.losses[p, None] for it, p in zip(batch, picks, strict=True)])
+    rewards = heads.forward_batch(frames.to(device), frame_mask.to(device), query.to(device), query_mask.to(device))
+    return batched_ranking_loss(rewards.cpu(), combos, losses[..., 0], valid, margin)
+
+
+def per_sample_loss(heads, batch: list[Item], rng: random.Random, combos_per_sample: int, margin: float,
+                    device) -> torch.Tensor:
+    """`batch_loss` the straightforward way: a forward and a ranking loss per sample (the reference in tests)."""
+    loss = 0.0
+    for it in batch:
+        rewards = heads(it.frames.to(device), it.query.to(device)).cpu()
+        k = len(it.losses)
+        pick = torch.tensor(rng.sample(range(k), min(k, combos_per_sample or k)))
+        scores = combination_scores(rewards, it.combinations[pick])
+        loss = loss + ranking_loss(scores, it.losses[pick], margin) / len(batch)
+    return loss
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -254,13 +283,7 @@ def main() -> None:
         losses = []
         for i in range(steps_per_epoch):
             batch = shard[i * cfg.batch_size: (i + 1) * cfg.batch_size]
-            loss = 0.0
-            for it in batch:
-                rewards = heads(it.frames.to(accelerator.device), it.query.to(accelerator.device)).cpu()
-                k = len(it.losses)
-                pick = torch.tensor(rng.sample(range(k), min(k, cfg.combos_per_sample or k)))
-                scores = combination_scores(rewards, it.combinations[pick])
-                loss = loss + ranking_loss(scores, it.losses[pick], cfg.margin) / len(batch)
+            loss = batch_loss(heads, batch, rng, cfg.combos_per_sample, cfg.margin, accelerator.device)
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()

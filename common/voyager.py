@@ -221,6 +221,33 @@ class VoyagerHeads(nn.Module):
         sim = self.frame_head(frames) @ q / self.dim ** 0.5  # (M, P)
         return sim.amax(-1) if self.token_pool == "max" else sim.mean(-1)
 
+    def forward_batch(self, frames: torch.Tensor, frame_mask: torch.Tensor, query: torch.Tensor,
+                      query_mask: torch.Tensor) -> torch.Tensor:
+        """`forward` for B samples padded to a common size (`pad_batch`): frames (B, M, P, H) with frame_mask
+        (B, M, P) true on real tokens, query (B, Lq, H) with query_mask (B, Lq). Rewards (B, M); a padded
+        frame (no real token) gets 0. The same numbers as `forward` per sample, up to float rounding."""
+        qm = query_mask.unsqueeze(-1).to(query.dtype)
+        q = (self.query_head(query) * qm).sum(1) / qm.sum(1).clamp(min=1)  # (B, dim)
+        sim = torch.einsum("bmpd,bd->bmp", self.frame_head(frames), q) / self.dim ** 0.5
+        if self.token_pool == "max":
+            rewards = sim.masked_fill(~frame_mask, -torch.inf).amax(-1)
+        else:
+            fm = frame_mask.to(sim.dtype)
+            rewards = (sim * fm).sum(-1) / fm.sum(-1).clamp(min=1)
+        return torch.where(frame_mask.any(-1), rewards, torch.zeros_like(rewards))
+
+
+def pad_batch(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack tensors that differ in their leading dims (same trailing one) into a zero-padded batch, and the
+    mask of real entries: e.g. frames (M_i, P_i, H) -> (B, max M, max P, H) and (B, max M, max P)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim() - 1)]
+    out = tensors[0].new_zeros(len(tensors), *shape, tensors[0].shape[-1])
+    mask = torch.zeros(len(tensors), *shape, dtype=torch.bool, device=out.device)
+    for i, t in enumerate(tensors):
+        index = (i, *(slice(0, n) for n in t.shape[:-1]))
+        out[index], mask[index] = t, True
+    return out, mask
+
 
 def combination_scores(rewards: torch.Tensor, combinations: torch.Tensor) -> torch.Tensor:
     """Score of each combination = mean reward of its frames; rewards (M,), combinations (K, T) -> (K,)."""
@@ -235,6 +262,19 @@ def ranking_loss(scores: torch.Tensor, losses: torch.Tensor, margin: float = 0.0
         return scores.sum() * 0.0
     diff = scores[:, None] - scores[None, :]
     return F.softplus(-diff[better]).mean()
+
+
+def batched_ranking_loss(rewards: torch.Tensor, combinations: torch.Tensor, losses: torch.Tensor,
+                         valid: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """The mean over B samples of `ranking_loss(combination_scores(...))`, in one pass: rewards (B, M),
+    combinations (B, K, T) and their label losses (B, K) padded to the largest K, valid (B, K) true on real
+    combinations. A sample without a qualifying pair adds 0, as `ranking_loss` gives it."""
+    scores = torch.gather(rewards, 1, combinations.flatten(1)).view(combinations.shape).mean(-1)  # (B, K)
+    pair = valid[:, :, None] & valid[:, None, :]
+    better = ((losses[:, :, None] + margin) < losses[:, None, :]) & pair  # [b, i, j]: i is better than j
+    diff = scores[:, :, None] - scores[:, None, :]
+    per_sample = torch.where(better, F.softplus(-diff), 0.0).sum((1, 2)) / better.sum((1, 2)).clamp(min=1)
+    return per_sample.mean()
 
 
 def save_voyager(directory: str | Path, heads: VoyagerHeads, spec: VoyagerSpec) -> None:

@@ -64,7 +64,7 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
     assert "== data: done already" in run_to_end(tmp_path / "a")
     kill_when(tmp_path / "b", "== model:")  # the data stage has finished by then
     break_videos(tmp_path / "b" / "data")
-    kill_when(tmp_path / "b", "== grpo:")  # after SFT: KTR and GRPO side by side (JOBS=2), killed while training
+    kill_when(tmp_path / "b", "== grpo:")  # after SFT, stages side by side (JOBS=2): killed while training
     kill_when(tmp_path / "b", "== voyager:")  # the labels are done, other pooled stages are killed mid-way
     output = run_to_end(tmp_path / "b")
     assert "== sft: done already" in output and "== label: done already" in output

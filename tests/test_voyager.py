@@ -83,6 +83,36 @@ def test_validation_pair_accuracy_overall_and_on_the_larger_gap_half():
     assert sums["pairs"] == 4 and sums["pairs_large_gap"] == 3 and sums["correct"] == 3
 
 
+@pytest.mark.parametrize("token_pool", ["mean", "max"])
+def test_batched_training_loss_equals_one_sample_at_a_time(token_pool):
+    """train_voyager's one padded forward for a batch gives the loss and the gradients of a forward and a ranking
+    loss per sample: samples with different numbers of candidates, tokens per frame, query tokens and labeled
+    combinations, one whose losses are all equal (no pair qualifies), with a margin and a combination subsample."""
+    import random
+
+    from train_voyager import Item, batch_loss, per_sample_loss
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 5, 12), (6, 2, 9, 7), (8, 4, 3, 20), (5, 3, 6, 4)]  # (M, P, Lq, K)
+    batch = []
+    for n, (m, p, lq, k) in enumerate(shapes):
+        combos = torch.stack([torch.randperm(m, generator=g)[:3].sort().values for _ in range(k)])
+        losses = torch.full((k,), 1.5) if n == 3 else torch.rand(k, generator=g)
+        batch.append(Item(torch.randn(m, p, 16, generator=g), torch.randn(lq, 16, generator=g), combos, losses,
+                          list(range(m)), 64, None))
+    heads = VoyagerHeads(16, 8, token_pool)
+    grads = []
+    for fn in (batch_loss, per_sample_loss):
+        heads.zero_grad()
+        loss = fn(heads, batch, random.Random(1), 10, 0.05, torch.device("cpu"))
+        loss.backward()
+        grads.append((loss.detach(), [q.grad.clone() for q in heads.parameters()]))
+    (got, got_grads), (want, want_grads) = grads
+    assert want > 0 and torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert b.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_combination_score_is_the_mean_reward_of_its_frames():
     rewards = torch.tensor([0.0, 1.0, 2.0, 4.0])
     combos = torch.tensor([[0, 1], [2, 3], [1, 3]])
