@@ -13,8 +13,9 @@
 #   RL_FRAMES=voyager bash run.sh   GRPO and KTR train on the 8 frames the Voyager scorer picks from 16 candidates,
 #                        and are judged on them (runs grpo_voyager, ktr_voyager; the scorer is trained first);
 #                        RL_FRAMES="uniform voyager" runs both (default uniform)
-#   RL_ARGS="temperature=0.7" VOYAGER_ARGS="epochs=30" bash run.sh   config overrides for every GRPO / KTR run and
-#                        for the Voyager scorer (a stage already done is not redone: use a new OUT)
+#   RL_ARGS="temperature=0.7" LABEL_ARGS="max_combinations=32" VOYAGER_ARGS="epochs=30 coverage=true" bash run.sh
+#                        config overrides for every GRPO / KTR run, the labels and the Voyager scorer (a stage
+#                        already done is not redone: use a new OUT)
 #   JOBS=1 bash run.sh   one stage at a time (default 2: after SFT, stages run side by side, logs in OUT/logs)
 #   bash run.sh ablation the paper's ablation on the tiny default (GRPO, each signal alone, all three; RL_SEEDS, default 3)
 #   bash run.sh test     lint + the test suite
@@ -125,7 +126,7 @@ case $MODE in
       model=$BASE data=$DATA/sft.json output_dir=$OUT/sft max_steps=$SFT_STEPS
     scorer() {  # labels -> the Voyager scorer
       stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
-        model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL
+        model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL ${LABEL_ARGS:-}
       stage voyager $OUT/voyager/voyager.json   python train_voyager.py --config configs/tiny/voyager.yaml \
         model=$SFT labels=$OUT/labels/labels.jsonl output_dir=$OUT/voyager ${VOYAGER_ARGS:-}
     }

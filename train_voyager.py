@@ -48,7 +48,7 @@ from common.voyager import (
     pad_batch,
     ranking_loss,
     save_voyager,
-    select_top,
+    select_frames,
     voyager_query,
 )
 
@@ -61,6 +61,9 @@ class Config:
     layers: int = 1  # N: bottom language layers on top of the vision tower (0 = vision tower only)
     dim: int = 128  # head projection size
     token_pool: Literal["mean", "max"] = "mean"  # a frame's reward: mean or best similarity of its tokens
+    # Not in the paper: a query-conditioned weight on how evenly a combination spreads over the video, added to
+    # its mean reward, and selection by the sum (common/voyager.py, VoyagerHeads)
+    coverage: bool = False
     combos_per_sample: int = 64  # labeled combinations drawn per sample per step; 0 = all
     margin: float = 0.0  # only pairs whose label losses differ by more than this
     epochs: int = 20
@@ -124,8 +127,9 @@ def batch_loss(heads, batch: list[Item], rng: random.Random, combos_per_sample: 
     query, query_mask = pad_batch([it.query for it in batch])
     combos, valid = pad_batch([it.combinations[p] for it, p in zip(batch, picks, strict=True)])
     losses, _ = pad_batch([it.losses[p, None] for it, p in zip(batch, picks, strict=True)])
-    rewards = heads.forward_batch(frames.to(device), frame_mask.to(device), query.to(device), query_mask.to(device))
-    return batched_ranking_loss(rewards.cpu(), combos, losses[..., 0], valid, margin)
+    rewards, coverage = heads(frames.to(device), query.to(device), frame_mask.to(device), query_mask.to(device))
+    return batched_ranking_loss(rewards.cpu(), combos, losses[..., 0], valid, margin,
+                                None if coverage is None else coverage.cpu(), frame_mask.any(-1).sum(-1))
 
 
 def per_sample_loss(heads, batch: list[Item], rng: random.Random, combos_per_sample: int, margin: float,
@@ -133,10 +137,10 @@ def per_sample_loss(heads, batch: list[Item], rng: random.Random, combos_per_sam
     """`batch_loss` the straightforward way: a forward and a ranking loss per sample (the reference in tests)."""
     loss = 0.0
     for it in batch:
-        rewards = heads(it.frames.to(device), it.query.to(device)).cpu()
+        rewards, coverage = heads(it.frames.to(device), it.query.to(device))
         k = len(it.losses)
         pick = torch.tensor(rng.sample(range(k), min(k, combos_per_sample or k)))
-        scores = combination_scores(rewards, it.combinations[pick])
+        scores = combination_scores(rewards.cpu(), it.combinations[pick], None if coverage is None else coverage.cpu())
         loss = loss + ranking_loss(scores, it.losses[pick], margin) / len(batch)
     return loss
 
@@ -169,8 +173,9 @@ def validate(heads, items: list[Item], margin: float, num_frames: int, device,
     sums = dict.fromkeys(["pairs", "correct", "pairs_large_gap", "correct_large_gap", "spearman", "samples",
                           "with_evidence", "hit_voyager", "hit_uniform", "hit_label_best"], 0.0)
     for it in items:
-        rewards = heads(it.frames.to(device), it.query.to(device)).cpu()
-        scores = combination_scores(rewards, it.combinations)
+        rewards, coverage = heads(it.frames.to(device), it.query.to(device))
+        rewards, coverage = rewards.cpu(), None if coverage is None else coverage.cpu()
+        scores = combination_scores(rewards, it.combinations, coverage)
         gap = it.losses[None, :] - it.losses[:, None]  # gap[i, j] > 0: combination i has the lower loss
         better, large = gap > margin, gap > large_gap
         diff = scores[:, None] - scores[None, :]
@@ -182,7 +187,7 @@ def validate(heads, items: list[Item], margin: float, num_frames: int, device,
         sums["spearman"] += spearman(scores, -it.losses)
         sums["samples"] += 1
         if it.evidence is not None:
-            top = [it.candidate_indices[p] for p in select_top(rewards, num_frames)]
+            top = [it.candidate_indices[p] for p in select_frames(rewards, num_frames, coverage)]
             best = [it.candidate_indices[p] for p in it.combinations[it.losses.argmin()].tolist()]
             sums["with_evidence"] += 1
             sums["hit_voyager"] += bool(set(top) & it.evidence)
@@ -249,10 +254,10 @@ def main() -> None:
     spec = VoyagerSpec(backbone=backbone, layers=cfg.layers, hidden_size=fingerprint["hidden_size"], dim=cfg.dim,
                        token_pool=cfg.token_pool, fingerprint=fingerprint,
                        candidates=len(rows[0]["candidate_indices"]), num_frames=num_frames,
-                       max_pixels=video_max_pixels(processor))
+                       max_pixels=video_max_pixels(processor), coverage=cfg.coverage)
     del model
 
-    heads = VoyagerHeads(spec.hidden_size, cfg.dim, cfg.token_pool)
+    heads = VoyagerHeads(spec.hidden_size, cfg.dim, cfg.token_pool, cfg.coverage)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     configure_deepspeed(accelerator, cfg.batch_size, 0.0)
     heads, optimizer = accelerator.prepare(heads, optimizer)

@@ -73,6 +73,34 @@ def select_top(frame_scores: Sequence[float] | torch.Tensor, num: int) -> list[i
     return sorted(order[:num].tolist())
 
 
+def select_frames(rewards: torch.Tensor, num: int, coverage: float | torch.Tensor | None = None) -> list[int]:
+    """The `num` frames a scorer picks: the top `num` rewards, or with a coverage weight w the combination of
+    highest mean reward + w * evenness, found exactly by dynamic programming over the frames in temporal order
+    (the squared gaps are a chain: O(num * M^2)). Positions in temporal order."""
+    r = torch.as_tensor(rewards, dtype=torch.float64).flatten().cpu()
+    w = 0.0 if coverage is None else float(coverage)
+    m = len(r)
+    if w == 0.0 or num == m:
+        return select_top(r, num)
+    if not 0 < num <= m:
+        raise ValueError(f"cannot pick {num} of {m} frames")
+    c = w * (num + 1) / m ** 2  # mean reward + w * evenness = sum(r) / num - c * sum(gap^2) + w
+    pos = torch.arange(m, dtype=torch.float64)
+    gap2 = (pos[None, :] - pos[:, None]) ** 2  # [i, j]: from frame i to frame j
+    best = r / num - c * (pos + 0.5) ** 2  # one frame chosen, ending at j
+    later = torch.ones(m, m, dtype=torch.bool).triu(1)  # [i, j]: j comes after i
+    back = []  # per added frame: for each end j, the frame before it
+    for _ in range(num - 1):
+        value, arg = (best[:, None] - c * gap2).masked_fill(~later, -torch.inf).max(0)
+        best = r / num + value
+        back.append(arg)
+    last = int(torch.argmax(best - c * (m - 0.5 - pos) ** 2))
+    chosen = [last]
+    for arg in reversed(back):
+        chosen.append(int(arg[chosen[-1]]))
+    return sorted(chosen)
+
+
 def read_candidates(path: str | Path, candidates: int, num: int) -> Clip:
     """M uniform candidate frames, all distinct: a video shorter than M gives all its frames. One with
     no more than T frames gives what uniform sampling of T gives (nothing left to choose)."""
@@ -198,12 +226,21 @@ class VoyagerSpec:
     candidates: int = 16  # M used in training (any M works at test time)
     num_frames: int = 4  # T of the training combinations
     max_pixels: int = 0  # per-frame pixel cap the features were computed at; 0 = unknown (older files)
+    coverage: bool = False  # a query-conditioned weight on how evenly a combination spreads (VoyagerHeads)
 
 
 class VoyagerHeads(nn.Module):
-    """Frame head and query head (LayerNorm -> Linear -> GELU -> Linear each) and the reward."""
+    """Frame head and query head (LayerNorm -> Linear -> GELU -> Linear each) and the reward.
 
-    def __init__(self, hidden_size: int, dim: int, token_pool: str = "mean"):
+    With `coverage` (not in the paper; `train_voyager.py coverage=true`), a linear head on the projected query
+    also gives a weight w: a combination's score becomes its mean reward + w * evenness (how evenly its frames
+    spread over the video, `evenness`), and selection picks the T frames that maximise that (`select_frames`).
+    A sum of per-frame rewards cannot say "spread the frames out"; a question that counts objects by how much of
+    the video shows them needs it, and one that needs the first and last frames may want the opposite (w < 0).
+    The head starts at w = 0, the paper's scorer.
+    """
+
+    def __init__(self, hidden_size: int, dim: int, token_pool: str = "mean", coverage: bool = False):
         super().__init__()
         if token_pool not in ("max", "mean"):
             raise ValueError(f"token_pool must be 'max' or 'mean', got {token_pool!r}")
@@ -214,27 +251,35 @@ class VoyagerHeads(nn.Module):
                                  nn.Linear(dim, dim))
 
         self.frame_head, self.query_head = head(), head()
+        self.coverage_head = None
+        if coverage:
+            self.coverage_head = nn.Linear(dim, 1)
+            nn.init.zeros_(self.coverage_head.weight)
+            nn.init.zeros_(self.coverage_head.bias)
 
-    def forward(self, frames: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """Rewards (M,) from one sample's frame features (M, P, H) and query features (Lq, H)."""
-        q = self.query_head(query).mean(0)
-        sim = self.frame_head(frames) @ q / self.dim ** 0.5  # (M, P)
-        return sim.amax(-1) if self.token_pool == "max" else sim.mean(-1)
+    def forward(self, frames: torch.Tensor, query: torch.Tensor, frame_mask: torch.Tensor | None = None,
+                query_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sample: frame features (M, P, H) and query features (Lq, H) -> rewards (M,) and the coverage
+        weight (a scalar; None without `coverage`).
 
-    def forward_batch(self, frames: torch.Tensor, frame_mask: torch.Tensor, query: torch.Tensor,
-                      query_mask: torch.Tensor) -> torch.Tensor:
-        """`forward` for B samples padded to a common size (`pad_batch`): frames (B, M, P, H) with frame_mask
-        (B, M, P) true on real tokens, query (B, Lq, H) with query_mask (B, Lq). Rewards (B, M); a padded
-        frame (no real token) gets 0. The same numbers as `forward` per sample, up to float rounding."""
-        qm = query_mask.unsqueeze(-1).to(query.dtype)
-        q = (self.query_head(query) * qm).sum(1) / qm.sum(1).clamp(min=1)  # (B, dim)
-        sim = torch.einsum("bmpd,bd->bmp", self.frame_head(frames), q) / self.dim ** 0.5
-        if self.token_pool == "max":
-            rewards = sim.masked_fill(~frame_mask, -torch.inf).amax(-1)
+        B samples padded to a common size (`pad_batch`), with the masks: frames (B, M, P, H), frame_mask (B, M, P)
+        true on real tokens, query (B, Lq, H), query_mask (B, Lq) -> rewards (B, M) (0 for a padded frame) and
+        weights (B,): per sample the same numbers as one at a time, up to float rounding."""
+        if frame_mask is None:
+            q = self.query_head(query).mean(0)
+            sim = self.frame_head(frames) @ q / self.dim ** 0.5  # (M, P)
+            rewards = sim.amax(-1) if self.token_pool == "max" else sim.mean(-1)
         else:
-            fm = frame_mask.to(sim.dtype)
-            rewards = (sim * fm).sum(-1) / fm.sum(-1).clamp(min=1)
-        return torch.where(frame_mask.any(-1), rewards, torch.zeros_like(rewards))
+            qm = query_mask.unsqueeze(-1).to(query.dtype)
+            q = (self.query_head(query) * qm).sum(1) / qm.sum(1).clamp(min=1)  # (B, dim)
+            sim = torch.einsum("bmpd,bd->bmp", self.frame_head(frames), q) / self.dim ** 0.5
+            if self.token_pool == "max":
+                rewards = sim.masked_fill(~frame_mask, -torch.inf).amax(-1)
+            else:
+                fm = frame_mask.to(sim.dtype)
+                rewards = (sim * fm).sum(-1) / fm.sum(-1).clamp(min=1)
+            rewards = torch.where(frame_mask.any(-1), rewards, torch.zeros_like(rewards))
+        return rewards, None if self.coverage_head is None else self.coverage_head(q).squeeze(-1)
 
 
 def pad_batch(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,9 +294,26 @@ def pad_batch(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return out, mask
 
 
-def combination_scores(rewards: torch.Tensor, combinations: torch.Tensor) -> torch.Tensor:
-    """Score of each combination = mean reward of its frames; rewards (M,), combinations (K, T) -> (K,)."""
-    return rewards[combinations].mean(-1)
+def evenness(combinations: torch.Tensor, m: int | torch.Tensor) -> torch.Tensor:
+    """How evenly each combination's T frames spread over M uniform candidates: 1 - (T + 1) * sum of its squared
+    gaps as fractions of the video (the T + 1 gaps between the chosen frames and the video's two ends, candidate
+    p standing at p + 0.5 of M). 0 when every gap is equal; down to about 1 - (T + 1) (M - T)^2 / M^2 when the
+    frames bunch at one end. combinations (..., T) positions; m an int or a tensor broadcastable to (...)."""
+    c = combinations.sort(-1).values.to(torch.float64)
+    m = torch.as_tensor(m, dtype=torch.float64, device=c.device)[..., None].expand(*c.shape[:-1], 1)
+    pos = torch.cat([torch.full_like(m, -0.5), c, m - 0.5], -1)
+    u = pos.diff(dim=-1) / m
+    return 1 - (c.shape[-1] + 1) * (u ** 2).sum(-1)
+
+
+def combination_scores(rewards: torch.Tensor, combinations: torch.Tensor,
+                       coverage: torch.Tensor | None = None) -> torch.Tensor:
+    """Score of each combination = mean reward of its frames (+ coverage weight * evenness with `coverage`);
+    rewards (M,), combinations (K, T) -> (K,)."""
+    scores = rewards[combinations].mean(-1)
+    if coverage is None:
+        return scores
+    return scores + coverage * evenness(combinations, len(rewards)).to(scores.dtype)
 
 
 def ranking_loss(scores: torch.Tensor, losses: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -265,11 +327,15 @@ def ranking_loss(scores: torch.Tensor, losses: torch.Tensor, margin: float = 0.0
 
 
 def batched_ranking_loss(rewards: torch.Tensor, combinations: torch.Tensor, losses: torch.Tensor,
-                         valid: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+                         valid: torch.Tensor, margin: float = 0.0, coverage: torch.Tensor | None = None,
+                         candidates: torch.Tensor | None = None) -> torch.Tensor:
     """The mean over B samples of `ranking_loss(combination_scores(...))`, in one pass: rewards (B, M),
     combinations (B, K, T) and their label losses (B, K) padded to the largest K, valid (B, K) true on real
-    combinations. A sample without a qualifying pair adds 0, as `ranking_loss` gives it."""
+    combinations; with `coverage` (B,), also each sample's number of real candidates (B,). A sample without a
+    qualifying pair adds 0, as `ranking_loss` gives it."""
     scores = torch.gather(rewards, 1, combinations.flatten(1)).view(combinations.shape).mean(-1)  # (B, K)
+    if coverage is not None:
+        scores = scores + coverage[:, None] * evenness(combinations, candidates[:, None]).to(scores.dtype)
     pair = valid[:, :, None] & valid[:, None, :]
     better = ((losses[:, :, None] + margin) < losses[:, None, :]) & pair  # [b, i, j]: i is better than j
     diff = scores[:, :, None] - scores[:, None, :]
@@ -292,7 +358,7 @@ def load_voyager(directory: str | Path, backbone=None) -> tuple[VoyagerHeads, Vo
     spec = VoyagerSpec(**json.loads((directory / CONFIG_NAME).read_text()))
     if backbone is not None:
         check_backbone(spec, backbone)
-    heads = VoyagerHeads(spec.hidden_size, spec.dim, spec.token_pool)
+    heads = VoyagerHeads(spec.hidden_size, spec.dim, spec.token_pool, spec.coverage)
     heads.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
     return heads.eval(), spec
 
@@ -348,21 +414,22 @@ class VoyagerSelector:
         self.candidates, self.num = candidates, num
 
     @torch.no_grad()
-    def features_and_rewards(self, clip: Clip, query: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(frame features M x P x H, frame rewards M): one backbone pass."""
+    def features_and_rewards(self, clip: Clip, query: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(frame features M x P x H, frame rewards M, coverage weight or None): one backbone pass."""
         frames, q = backbone_features(self.model, self.processor, clip, query, self.spec.layers)
-        return frames, self.heads(frames, q)
+        return frames, *self.heads(frames, q)
 
     def frame_rewards(self, clip: Clip, query: str) -> torch.Tensor:
         return self.features_and_rewards(clip, query)[1]
 
     def choose(self, clip: Clip, query: str) -> list[int]:
-        """Positions of the T frames: the top T of the rewards, AKS's judge-and-split on them, or a DPP with the
-        rewards as quality and the cosine similarity of the frames' backbone features (mean over their tokens)."""
-        frames, rewards = self.features_and_rewards(clip, query)
+        """Positions of the T frames: the top T of the rewards (with a coverage head, the best mean reward +
+        weight * evenness), AKS's judge-and-split on them, or a DPP with the rewards as quality and the cosine
+        similarity of the frames' backbone features (mean over their tokens)."""
+        frames, rewards, coverage = self.features_and_rewards(clip, query)
         rewards = rewards.cpu()
         if self.select == "top":
-            return select_top(rewards, self.num)
+            return select_frames(rewards, self.num, coverage)
         from common.selectors import aks_select, dpp_select  # common.selectors imports this module
 
         if self.select == "aks":

@@ -11,6 +11,7 @@ import time
 
 import yaml
 
+from common.jsonl import read_jsonl
 from common.tinyworld import generate
 from tests.conftest import ROOT
 
@@ -98,11 +99,11 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
 
 
 def test_vision_steps_pretrains_the_tower_that_sft_starts_from(tmp_path):
-    """VISION_STEPS adds the tower stage and SFT starts from it; RL_ARGS and VOYAGER_ARGS reach the GRPO / KTR
-    runs and the scorer (run until the first RL run and the scorer have finished)."""
+    """VISION_STEPS adds the tower stage and SFT starts from it; RL_ARGS, LABEL_ARGS and VOYAGER_ARGS reach the
+    GRPO / KTR runs, the labels and the scorer (run until the first RL run and the scorer have finished)."""
     out = tmp_path / "t"
     proc = start(out, VISION_STEPS="3", VISION_SCENES="40", RL_ARGS="temperature=0.7 top_p=0.9",
-                 VOYAGER_ARGS="epochs=3")
+                 LABEL_ARGS="max_combinations=12", VOYAGER_ARGS="epochs=3 coverage=true")
     finished = set()
     for line in proc.stdout:
         if line.startswith(("== ktr: finished", "== voyager: finished")):
@@ -117,7 +118,10 @@ def test_vision_steps_pretrains_the_tower_that_sft_starts_from(tmp_path):
     assert sft["model"] == str(out / "tower")
     ktr = yaml.safe_load((out / "ktr" / "config.yaml").read_text())
     assert (ktr["temperature"], ktr["top_p"], ktr["seed"]) == (0.7, 0.9, 0)
-    assert yaml.safe_load((out / "voyager" / "config.yaml").read_text())["epochs"] == 3
+    voyager = yaml.safe_load((out / "voyager" / "config.yaml").read_text())
+    assert (voyager["epochs"], voyager["coverage"]) == (3, True)
+    assert yaml.safe_load((out / "labels" / "config.yaml").read_text())["max_combinations"] == 12
+    assert {len(r["losses"]) for r in read_jsonl(out / "labels" / "labels.jsonl")} == {12}
 
 
 def test_rl_frames_voyager_trains_the_scorer_first_and_rl_on_its_frames(tmp_path):

@@ -34,10 +34,12 @@ from common.voyager import (
     backbone_fingerprint,
     bottom_layers,
     combination_scores,
+    evenness,
     load_voyager,
     own_patch_inputs,
     ranking_loss,
     save_voyager,
+    select_frames,
     select_top,
     subclip,
 )
@@ -74,17 +76,17 @@ def test_validation_pair_accuracy_overall_and_on_the_larger_gap_half():
     assert median_gap([{"losses": losses}], margin=0.95) == pytest.approx(2.0)  # of 1, 2, 2.9, 3 (lower median)
     item = Item(frames=torch.zeros(4, 1, 1), query=torch.zeros(1, 1), combinations=torch.tensor([[0], [1], [2], [3]]),
                 losses=torch.tensor(losses), candidate_indices=[0, 1, 2, 3], total_frames=4, evidence=None)
-    sums = validate(lambda frames, query: rewards, [item], 0.0, 1, "cpu", large_gap=1.0)
+    sums = validate(lambda frames, query: (rewards, None), [item], 0.0, 1, "cpu", large_gap=1.0)
     out = summarize(sums)
     assert sums["pairs"] == 6 and sums["pairs_large_gap"] == 3
     assert out["pair_accuracy"] == pytest.approx(5 / 6) and out["pair_accuracy_large_gap"] == pytest.approx(2 / 3)
     # The margin selects the pairs of the overall accuracy only: the larger-gap pairs stay the same.
-    sums = validate(lambda frames, query: rewards, [item], 0.95, 1, "cpu", large_gap=1.0)
+    sums = validate(lambda frames, query: (rewards, None), [item], 0.95, 1, "cpu", large_gap=1.0)
     assert sums["pairs"] == 4 and sums["pairs_large_gap"] == 3 and sums["correct"] == 3
 
 
-@pytest.mark.parametrize("token_pool", ["mean", "max"])
-def test_batched_training_loss_equals_one_sample_at_a_time(token_pool):
+@pytest.mark.parametrize("token_pool,coverage", [("mean", False), ("max", False), ("mean", True)])
+def test_batched_training_loss_equals_one_sample_at_a_time(token_pool, coverage):
     """train_voyager's one padded forward for a batch gives the loss and the gradients of a forward and a ranking
     loss per sample: samples with different numbers of candidates, tokens per frame, query tokens and labeled
     combinations, one whose losses are all equal (no pair qualifies), with a margin and a combination subsample."""
@@ -100,7 +102,9 @@ def test_batched_training_loss_equals_one_sample_at_a_time(token_pool):
         losses = torch.full((k,), 1.5) if n == 3 else torch.rand(k, generator=g)
         batch.append(Item(torch.randn(m, p, 16, generator=g), torch.randn(lq, 16, generator=g), combos, losses,
                           list(range(m)), 64, None))
-    heads = VoyagerHeads(16, 8, token_pool)
+    heads = VoyagerHeads(16, 8, token_pool, coverage)
+    if coverage:  # away from its zero start, so that the evenness term counts
+        torch.nn.init.normal_(heads.coverage_head.weight, generator=g)
     grads = []
     for fn in (batch_loss, per_sample_loss):
         heads.zero_grad()
@@ -117,6 +121,70 @@ def test_combination_score_is_the_mean_reward_of_its_frames():
     rewards = torch.tensor([0.0, 1.0, 2.0, 4.0])
     combos = torch.tensor([[0, 1], [2, 3], [1, 3]])
     assert combination_scores(rewards, combos).tolist() == [0.5, 3.0, 2.5]
+
+
+def test_evenness_and_the_coverage_term_on_hand_computed_values():
+    # M = 4 candidates at 0.5, 1.5, 2.5, 3.5 of a video of length 4; frame 1 leaves gaps 1.5 and 2.5
+    assert evenness(torch.tensor([[1], [0]]), 4).tolist() == [1 - 2 * (0.375 ** 2 + 0.625 ** 2),
+                                                              1 - 2 * (0.125 ** 2 + 0.875 ** 2)]
+    spread, bunched = evenness(torch.tensor([[3, 6, 9, 12], [0, 1, 2, 3]]), 16).tolist()  # gaps 3.5, 3, 3, 3, 3.5
+    assert spread == 1 - 5 * (2 * 3.5 ** 2 + 3 * 3 ** 2) / 16 ** 2 and bunched < -0.9
+    rewards, combos = torch.tensor([0.0, 1.0, 2.0, 4.0]), torch.tensor([[0, 1], [2, 3], [1, 3]])
+    want = combination_scores(rewards, combos) + 0.5 * evenness(combos, 4).float()
+    assert torch.allclose(combination_scores(rewards, combos, torch.tensor(0.5)), want)
+
+
+@pytest.mark.parametrize("weight", [-0.7, 0.0, 0.2, 1.0, 5.0])
+def test_select_frames_finds_the_best_combination_of_reward_and_evenness(weight):
+    """The dynamic programme picks what trying every combination picks; weight 0 is the plain top T."""
+    import itertools
+
+    g = torch.Generator().manual_seed(int(weight * 10) + 3)
+    for m, t in [(10, 4), (9, 1), (7, 6), (12, 3)]:
+        rewards = torch.rand(m, generator=g, dtype=torch.float64)
+        combos = torch.tensor(list(itertools.combinations(range(m), t)))
+        best = combos[combination_scores(rewards, combos, torch.tensor(weight, dtype=torch.float64)).argmax()]
+        assert select_frames(rewards, t, weight) == best.tolist()
+        assert select_frames(rewards, t, None) == select_top(rewards, t)
+    flat = torch.zeros(16)  # nothing to choose between: a positive weight spreads the frames evenly, a negative
+    assert select_frames(flat, 4, 1.0) == [3, 6, 9, 12]  # one leaves one long gap, frames at both ends
+    assert select_frames(flat, 4, -1.0) in ([0, 1, 2, 15], [0, 13, 14, 15])
+
+
+def test_a_coverage_scorer_learns_which_questions_want_their_frames_spread(tmp_path):
+    """Labels where one kind of question is answered best by evenly spread frames and the other by bunched ones
+    (its frame rewards carry no signal): training gives the first a positive coverage weight, the second a
+    negative one, and the weight survives save / load."""
+    import random
+
+    from train_voyager import Item, batch_loss
+
+    g = torch.Generator().manual_seed(0)
+    m, t, hidden = 12, 4, 8
+    kinds = [torch.randn(hidden, generator=g) for _ in range(2)]
+    items = []
+    for n in range(64):
+        combos = torch.stack([torch.randperm(m, generator=g)[:t].sort().values for _ in range(24)])
+        sign = 1.0 if n % 2 == 0 else -1.0  # kind 0: spread is better (lower loss); kind 1: bunched
+        losses = -sign * evenness(combos, m).float() + 0.05 * torch.rand(24, generator=g)
+        query = kinds[n % 2] + 0.1 * torch.randn(5, hidden, generator=g)
+        items.append(Item(torch.randn(m, 2, hidden, generator=g), query, combos, losses, list(range(m)), 48, None))
+    torch.manual_seed(0)
+    heads = VoyagerHeads(hidden, 16, "mean", coverage=True)
+    optimizer = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    rng = random.Random(0)
+    for step in range(150):
+        loss = batch_loss(heads, items[(step * 16) % 64:][:16], rng, 0, 0.0, torch.device("cpu"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        weights = [heads(items[k].frames, items[k].query)[1].item() for k in (0, 1)]
+    assert weights[0] > 0.5 and weights[1] < -0.5, weights
+    spec = VoyagerSpec(backbone="b", layers=1, hidden_size=hidden, dim=16, coverage=True)
+    save_voyager(tmp_path, heads, spec)
+    loaded, loaded_spec = load_voyager(tmp_path)
+    assert loaded_spec.coverage and loaded(items[0].frames, items[0].query)[1].item() == pytest.approx(weights[0])
 
 
 def test_select_top_returns_the_best_frames_in_temporal_order():
@@ -175,7 +243,7 @@ def test_save_load_round_trip_and_backbone_mismatch_errors(tiny, tmp_path):
     loaded, loaded_spec = load_voyager(tmp_path / "v", backbone=model)
     frames, query = torch.randn(5, 4, spec.hidden_size), torch.randn(7, spec.hidden_size)
     assert loaded_spec == spec
-    assert torch.equal(loaded(frames, query), heads.eval()(frames, query))
+    assert torch.equal(loaded(frames, query)[0], heads.eval()(frames, query)[0])
     assert backbone_fingerprint(model.to(torch.bfloat16)) == spec.fingerprint  # dtype does not matter
     model.to(torch.float32)
 
@@ -292,7 +360,8 @@ def test_voyager_select_runs_aks_or_a_dpp_on_the_scorers_frame_rewards(trained, 
         query = voyager_query(sample.problem, sample.options)
         with torch.no_grad():
             frames, q = backbone_features(top.model, top.processor, clip, query, top.spec.layers)
-            rewards = top.heads(frames, q)
+            rewards, coverage = top.heads(frames, q)
+        assert coverage is None  # trained without coverage=true
         assert torch.equal(rewards, top.frame_rewards(clip, query))
         unit = torch.nn.functional.normalize(frames.mean(1).double(), dim=-1)
         assert top(sample).indices == [clip.indices[p] for p in select_top(rewards, 4)]
@@ -306,6 +375,34 @@ def test_voyager_select_runs_aks_or_a_dpp_on_the_scorers_frame_rewards(trained, 
     assert zero(sample).indices == top(sample).indices
     with pytest.raises(ConfigError, match=r"frames.aks_threshold: must be in \[0, 1\]"):
         FramesConfig(aks_threshold=1.5).validate()
+
+
+def test_a_coverage_scorer_picks_by_reward_and_evenness_in_eval(trained, tiny_world_dir, tmp_path):
+    """eval's Voyager selector with a coverage head (voyager.json: coverage true) picks select_frames of the rewards
+    and the weight it gives the question; a large weight spreads the frames where the top T would not."""
+    from common.frames import FramesConfig, make_selector
+    from common.voyager import backbone_features, read_candidates, voyager_query
+
+    out, _, _ = trained
+    heads, spec = load_voyager(out / "voyager")
+    covered = VoyagerHeads(spec.hidden_size, spec.dim, spec.token_pool, coverage=True)
+    covered.load_state_dict({**heads.state_dict(), "coverage_head.weight": torch.zeros(1, spec.dim),
+                             "coverage_head.bias": torch.tensor([50.0])})  # the same rewards, weight 50
+    spec.coverage = True
+    save_voyager(tmp_path / "covered", covered, spec)
+    selector = make_selector(FramesConfig(strategy="voyager", voyager=str(tmp_path / "covered"), candidates=12, num=4))
+    differs = 0
+    for sample in load_samples(tiny_world_dir / "test.json")[:6]:
+        clip = read_candidates(sample.path, 12, 4)
+        with torch.no_grad():
+            frames, q = backbone_features(selector.model, selector.processor, clip,
+                                          voyager_query(sample.problem, sample.options), spec.layers)
+            rewards, weight = covered(frames, q)
+        assert weight.item() == 50.0
+        picked = [clip.indices.index(i) for i in selector(sample).indices]
+        assert picked == select_frames(rewards, 4, weight)
+        differs += picked != select_top(rewards, 4)
+    assert differs > 0
 
 
 def test_retrieval_with_a_clip_model_keeps_the_most_similar_frames(tiny_world_dir, tmp_path):
