@@ -425,7 +425,8 @@ class VoyagerSelector:
     def choose(self, clip: Clip, query: str) -> list[int]:
         """Positions of the T frames: the top T of the rewards (with a coverage head, the best mean reward +
         weight * evenness), AKS's judge-and-split on them, or a DPP with the rewards as quality and the cosine
-        similarity of the frames' backbone features (mean over their tokens)."""
+        similarity of the frames' backbone features (mean over their tokens); those two bring their own notion of
+        coverage and leave the coverage weight aside."""
         frames, rewards, coverage = self.features_and_rewards(clip, query)
         rewards = rewards.cpu()
         if self.select == "top":
