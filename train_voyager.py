@@ -7,8 +7,9 @@
    labeled sample's M candidate frames and its question once; the features stay in memory, so epochs
    cost only the small heads (common/voyager.py).
 2. Training: per sample, `combos_per_sample` of its labeled combinations; a combination's score is the
-   mean reward of its frames; pairwise ranking loss -log sigmoid(s_better - s_worse) over pairs whose
-   label losses differ by more than `margin`.
+   mean reward of its frames (with `coverage`, + a weight the question gives times how evenly the frames
+   spread); pairwise ranking loss -log sigmoid(s_better - s_worse) over pairs whose label losses differ by
+   more than `margin`. A step runs its whole batch as one padded forward of the heads.
 3. Validation (a held-out share of the labeled samples): pairwise ranking accuracy (all pairs, and the half
    with the larger loss gaps: above the median gap of the validation pairs), Spearman correlation
    between scores and -loss, and where the data has evidence frames, how often the top-T frames hit
@@ -249,6 +250,9 @@ def main() -> None:
     train, skipped = extract(model, processor, train_rows[rank::world], cfg.layers, "features (train)", show)
     val, skipped_val = extract(model, processor, val_rows[rank::world], cfg.layers, "features (val)", show)
     feature_seconds = time.time() - start
+    if not train:
+        raise SystemExit(f"{cfg.labels}: none of the {len(train_rows[rank::world])} training samples of process {rank} "
+                         f"could be read, e.g. {'; '.join(skipped[:2])}")
     skipped = [s for part in gather_object([skipped + skipped_val]) for s in part]
     fingerprint = backbone_fingerprint(model)
     spec = VoyagerSpec(backbone=backbone, layers=cfg.layers, hidden_size=fingerprint["hidden_size"], dim=cfg.dim,

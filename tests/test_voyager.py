@@ -377,6 +377,19 @@ def test_voyager_select_runs_aks_or_a_dpp_on_the_scorers_frame_rewards(trained, 
         FramesConfig(aks_threshold=1.5).validate()
 
 
+def test_training_stops_with_a_clear_error_when_no_video_can_be_read(trained, tmp_path):
+    out, _, _ = trained
+    rows = read_jsonl(out / "labels" / "labels.jsonl")
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({**r, "path": str(tmp_path / f"gone_{r['problem_id']}.mp4")}) + "\n"
+                              for r in rows))
+    proc = subprocess.run([sys.executable, "train_voyager.py", f"labels={labels}", f"output_dir={tmp_path / 'v'}",
+                           "dim=16", "epochs=1", "val_fraction=0.25"], cwd=ROOT, env=cpu_launch_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{labels}: none of the" in proc.stderr and "gone_" in proc.stderr and "missing file" in proc.stderr
+
+
 def test_a_coverage_scorer_picks_by_reward_and_evenness_in_eval(trained, tiny_world_dir, tmp_path):
     """eval's Voyager selector with a coverage head (voyager.json: coverage true) picks select_frames of the rewards
     and the weight it gives the question; a large weight spreads the frames where the top T would not."""
