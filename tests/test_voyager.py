@@ -13,7 +13,7 @@ import torch
 
 from common.data import load_samples
 from common.jsonl import read_jsonl
-from common.launch import cpu_launch_env
+from common.launch import cpu_launch_env, launch_command
 from common.models import (
     chat_text,
     embed_visual,
@@ -375,6 +375,26 @@ def test_voyager_select_runs_aks_or_a_dpp_on_the_scorers_frame_rewards(trained, 
     assert zero(sample).indices == top(sample).indices
     with pytest.raises(ConfigError, match=r"frames.aks_threshold: must be in \[0, 1\]"):
         FramesConfig(aks_threshold=1.5).validate()
+
+
+def test_two_processes_shard_the_features_and_validate_as_one(trained, tmp_path):
+    """accelerate launch with 2 CPU processes: each extracts and trains on its shard (the batched step through the
+    DDP-wrapped heads, with a coverage head), and validation summed over the shards gives the untrained heads the
+    same metrics as one process does."""
+    out, _, _ = trained
+    args = [f"labels={out / 'labels' / 'labels.jsonl'}", "dim=16", "epochs=1", "batch_size=2", "val_fraction=0.25",
+            "coverage=true"]
+    proc = subprocess.run(launch_command("train_voyager.py", [*args, f"output_dir={tmp_path / 'two'}"], num_processes=2,
+                                         main_process_port=29647), cwd=ROOT, env=cpu_launch_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "2 process(es)" in proc.stdout + proc.stderr
+    run("train_voyager.py", [*args, f"output_dir={tmp_path / 'one'}"])
+    two, one = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("two", "one"))
+    assert [m["epoch"] for m in two] == [0, 1]
+    for key in ("pair_accuracy", "pair_accuracy_large_gap", "spearman", "evidence_recall_uniform"):
+        assert two[0][key] == pytest.approx(one[0][key], abs=1e-6), key
+    assert json.loads((tmp_path / "two" / "voyager.json").read_text())["coverage"] is True
 
 
 def test_training_stops_with_a_clear_error_when_no_video_can_be_read(trained, tmp_path):
