@@ -48,6 +48,9 @@ class FramesConfig:
     # AKS's judge (strategy=aks, voyager_select=aks): a segment whose top-k mean normalised score exceeds its mean by
     # more than this takes its top k; otherwise it is split in two. 0 = always the top T; 1 = always split (coverage).
     aks_threshold: float = 0.5
+    # strategy=voyager with a scorer trained with `coverage=true`: the head's weight on evenness is multiplied by
+    # this at selection (1 = as trained; 0 = the paper's top T of the same scorer's rewards; larger = more spread).
+    coverage_scale: float = 1.0
     retrieval_model: str = ""  # CLIP/SigLIP path for retrieval / aks / dpp; empty = the answering model's embeddings
     seed: int = 0  # strategy=random: the draws depend on (seed, epoch, problem_id) only
     # Decoded frames kept in memory (MiB, least recently used out first) for the strategies that read the same
@@ -62,6 +65,7 @@ class FramesConfig:
         require(self.cache_mb >= 0, f"{prefix}.cache_mb", f"must be >= 0 (0 = off), got {self.cache_mb}")
         require(0.0 <= self.aks_threshold <= 1.0, f"{prefix}.aks_threshold",
                 f"must be in [0, 1] (scores are normalised to [0, 1]), got {self.aks_threshold}")
+        require(self.coverage_scale >= 0, f"{prefix}.coverage_scale", f"must be >= 0, got {self.coverage_scale}")
         require(self.min_frames >= 0, f"{prefix}.min_frames", f"must be >= 0 (0 = off), got {self.min_frames}")
         if self.min_frames:
             require(self.min_frames <= self.max_frames, f"{prefix}.min_frames",
@@ -150,7 +154,8 @@ def _make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
         from common.voyager import VoyagerSelector
 
         return VoyagerSelector(cfg.voyager, cfg.candidates, cfg.num, model=model, processor=processor,
-                               select=cfg.voyager_select, aks_threshold=cfg.aks_threshold)
+                               select=cfg.voyager_select, aks_threshold=cfg.aks_threshold,
+                               coverage_scale=cfg.coverage_scale)
     if cfg.strategy == "retrieval":
         from common.voyager import RetrievalSelector
 

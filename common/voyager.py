@@ -386,10 +386,10 @@ class VoyagerSelector:
     """
 
     def __init__(self, directory: str, candidates: int, num: int, model=None, processor=None, select: str = "top",
-                 aks_threshold: float = 0.5):
+                 aks_threshold: float = 0.5, coverage_scale: float = 1.0):
         if select not in ("top", "aks", "dpp"):
             raise ValueError(f"unknown Voyager selection {select!r} (top, aks, dpp)")
-        self.select, self.aks_threshold = select, aks_threshold
+        self.select, self.aks_threshold, self.coverage_scale = select, aks_threshold, coverage_scale
         spec = VoyagerSpec(**json.loads((Path(directory) / CONFIG_NAME).read_text()))
         same = model is not None and spec.fingerprint is not None and \
             fingerprint_mismatch(spec.fingerprint, backbone_fingerprint(model)) is None
@@ -430,7 +430,7 @@ class VoyagerSelector:
         frames, rewards, coverage = self.features_and_rewards(clip, query)
         rewards = rewards.cpu()
         if self.select == "top":
-            return select_frames(rewards, self.num, coverage)
+            return select_frames(rewards, self.num, None if coverage is None else coverage * self.coverage_scale)
         from common.selectors import aks_select, dpp_select  # common.selectors imports this module
 
         if self.select == "aks":

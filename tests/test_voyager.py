@@ -424,6 +424,8 @@ def test_a_coverage_scorer_picks_by_reward_and_evenness_in_eval(trained, tiny_wo
     spec.coverage = True
     save_voyager(tmp_path / "covered", covered, spec)
     selector = make_selector(FramesConfig(strategy="voyager", voyager=str(tmp_path / "covered"), candidates=12, num=4))
+    scaled = {s: make_selector(FramesConfig(strategy="voyager", voyager=str(tmp_path / "covered"), candidates=12,
+                                            num=4, coverage_scale=s)) for s in (0.0, 0.02)}
     differs = 0
     for sample in load_samples(tiny_world_dir / "test.json")[:6]:
         clip = read_candidates(sample.path, 12, 4)
@@ -435,7 +437,12 @@ def test_a_coverage_scorer_picks_by_reward_and_evenness_in_eval(trained, tiny_wo
         picked = [clip.indices.index(i) for i in selector(sample).indices]
         assert picked == select_frames(rewards, 4, weight)
         differs += picked != select_top(rewards, 4)
+        # frames.coverage_scale multiplies the head's weight: 0 is the top T of the same rewards
+        assert [clip.indices.index(i) for i in scaled[0.0](sample).indices] == select_top(rewards, 4)
+        assert [clip.indices.index(i) for i in scaled[0.02](sample).indices] == select_frames(rewards, 4, 1.0)
     assert differs > 0
+    with pytest.raises(ValueError, match="frames.coverage_scale"):
+        FramesConfig(coverage_scale=-1.0).validate()
 
 
 def test_retrieval_with_a_clip_model_keeps_the_most_similar_frames(tiny_world_dir, tmp_path):
