@@ -113,6 +113,16 @@ def frame_entry(summary: dict) -> dict:
             "evidence_recall_by_family": summary.get("evidence_recall_by_family", {})}
 
 
+def voyager_entry(summary: dict) -> dict:
+    """The scorer's ranking on its validation samples (train_voyager.py's summary.json: the last epoch)."""
+    final = summary.get("final", {})
+    keys = ("pair_accuracy", "pair_accuracy_large_gap", "spearman", "evidence_recall_voyager",
+            "evidence_recall_uniform", "evidence_recall_label_best")
+    return {"train_samples": summary.get("train_samples"), "val_samples": summary.get("val_samples"),
+            "median_val_gap": summary.get("median_val_gap"), "coverage": summary.get("spec", {}).get("coverage", False),
+            **{k: final.get(k) for k in keys}}
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     m = sum(values) / len(values)
@@ -185,6 +195,8 @@ def collect(out: Path) -> dict:
     for key, name in FRAME_RUNS.items():
         if (s := summary(name)) is not None:
             results["frame_selection"][key] = frame_entry(s)
+    if (out / "voyager" / "summary.json").exists():
+        results["voyager"] = voyager_entry(json.loads((out / "voyager" / "summary.json").read_text()))
     if (out / "ktr" / "tokens.jsonl").exists():
         results["ktr_tokens"] = token_informativeness(read_jsonl(out / "ktr" / "tokens.jsonl"), tinyworld_words())
     for row in read_jsonl(out / "timings.jsonl"):
@@ -388,6 +400,19 @@ def markdown(results: dict, images: list[str]) -> str:
                          + f" | {fmt(e['evidence_recall'])} | "
                          + " | ".join(fmt(e["evidence_recall_by_family"].get(f)) for f in recall_families) + " |")
         lines.append("")
+    if results.get("voyager"):
+        v = results["voyager"]
+        lines += ["## The Voyager scorer (its validation samples, the last epoch)", "",
+                  f"Trained on {v['train_samples']} labeled samples, validated on {v['val_samples']}"
+                  + (" (with the coverage head)" if v["coverage"] else "") + ". Pair accuracy: the share of "
+                  "pairs of labeled combinations the scorer orders as their answer losses do; the larger-gap half: "
+                  f"the pairs whose losses differ by more than the median, {fmt(v['median_val_gap'])} nats. "
+                  "Evidence recall of the frames the scorer picks, uniform frames and the best-labeled combination.",
+                  "", "| pair accuracy | larger-gap half | Spearman | evidence recall: Voyager | uniform | "
+                  "best label |", "|---|---|---|---|---|---|",
+                  "| " + " | ".join(fmt(v[k]) for k in ("pair_accuracy", "pair_accuracy_large_gap", "spearman",
+                                                        "evidence_recall_voyager", "evidence_recall_uniform",
+                                                        "evidence_recall_label_best")) + " |", ""]
     if results["ktr_tokens"]:
         lines += ["## Which tokens KTR selected", "",
                   "| signal | fraction selected | share inside `<answer>` | share informative words |",

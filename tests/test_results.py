@@ -76,6 +76,25 @@ def test_seed_table_means_spread_and_paired_interval_to_grpo(tmp_path):
     assert "(test split, greedy, 8 uniform frames)" in page and "RL_FRAMES" not in page
 
 
+def test_the_voyager_scorers_ranking_is_read_from_its_summary(tmp_path):
+    """RESULTS.md reports the scorer's last-epoch validation ranking (train_voyager.py's summary.json)."""
+    from common.jsonl import write_json
+    from common.results import collect, markdown
+
+    (tmp_path / "voyager").mkdir()
+    write_json(tmp_path / "voyager" / "summary.json", {
+        "train_samples": 90, "val_samples": 10, "median_val_gap": 0.0042, "spec": {"coverage": True},
+        "final": {"epoch": 3, "pair_accuracy": 0.61, "pair_accuracy_large_gap": 0.72, "spearman": 0.33,
+                  "evidence_recall_voyager": 0.9, "evidence_recall_uniform": 0.8, "evidence_recall_label_best": 0.85}})
+    results = collect(tmp_path)
+    assert results["voyager"]["pair_accuracy_large_gap"] == 0.72 and results["voyager"]["coverage"] is True
+    page = markdown(results, [])
+    assert "| 0.610 | 0.720 | 0.330 | 0.900 | 0.800 | 0.850 |" in page
+    assert "Trained on 90 labeled samples, validated on 10 (with the coverage head)" in page and "0.004 nats" in page
+    shutil.rmtree(tmp_path / "voyager")
+    assert "voyager" not in collect(tmp_path) and "Voyager scorer" not in markdown(collect(tmp_path), [])
+
+
 def test_runs_on_voyager_frames_pair_with_grpo_on_the_same_frames(tmp_path):
     """run.sh RL_FRAMES=voyager: grpo_voyager / ktr_voyager, judged on Voyager's frames (eval/<run>_voyager), are
     seed-table rows paired with each other, never with uniform GRPO; an evaluation on other frames than the run

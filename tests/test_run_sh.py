@@ -82,6 +82,7 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
     assert a["qa"]["sft"]["n"] == 8 and a["qa"]["sft"]["n_failed"] == 1
     report = (tmp_path / "b" / "RESULTS.md").read_text()
     assert report.count("|") > 20 and "## Skipped inputs" in report and "| labels | 2 |" in report
+    assert "## The Voyager scorer" in report and 0.0 <= a["voyager"]["pair_accuracy"] <= 1.0
     # the pooled stages' output is in OUT/logs, one file per stage
     assert "grpo: 100%" in (tmp_path / "a" / "logs" / "grpo.log").read_text()
     assert "run.sh (wall clock of this call)" in json.loads((tmp_path / "a" / "results.json").read_text())["timings"]
