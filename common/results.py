@@ -346,21 +346,36 @@ def plots(out: Path) -> list[str]:
         plt.close(fig)
         made.append("training_curves.png")
     frame = collect(out)["frame_selection"]
-    if frame:
-        families = sorted({f for e in frame.values() for f in e["evidence_recall_by_family"]})
-        fig, ax = plt.subplots(figsize=(8, 3.5))
+    if frame:  # accuracy and evidence recall per family, one bar per strategy, the legend beside the panels
+        families = sorted({f for e in frame.values() for f in e["by_family"]} |
+                          {f for e in frame.values() for f in e["evidence_recall_by_family"]})
+        fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), sharey=True)
         width = 0.8 / len(frame)
-        for i, (name, e) in enumerate(frame.items()):
-            ax.bar([j + i * width for j in range(len(families))],
-                   [e["evidence_recall_by_family"].get(f, 0) for f in families], width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(families))], families)
-        ax.set_ylabel("evidence recall")
-        ax.set_ylim(0, 1.05)
-        ax.legend()
+        bases = list(dict.fromkeys(re.sub(r"_m\d+$", "", name) for name in frame))  # a strategy keeps its colour
+        colors = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
+        panels = [(axes[0], "accuracy", ["all"] + families,
+                   lambda e, f: e["accuracy"] if f == "all" else e["by_family"].get(f)),
+                  (axes[1], "evidence recall", ["all"] + families,
+                   lambda e, f: e["evidence_recall"] if f == "all" else e["evidence_recall_by_family"].get(f))]
+        for ax, title, groups, value in panels:
+            for i, (name, e) in enumerate(frame.items()):
+                base, m = re.match(r"^(.*?)(?:_m(\d+))?$", name).groups()  # M = 32 rows hatched
+                ax.bar([j + i * width for j in range(len(groups))], [value(e, f) or 0.0 for f in groups], width,
+                       label=f"{base}, M = {m}" if m else name, color=colors(bases.index(base)),
+                       hatch="///" if m else None, edgecolor="white", linewidth=0)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups)
+            ax.set_title(title, fontsize=10)
+            ax.set_ylim(0, 1.05)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0].axhline(0.25, color="black", linestyle=":", linewidth=1, label="a blind guess (0.25)")
+        axes[0].set_ylabel("the SFT model, 8 frames")
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
+                   title="8 frames of M = 16\ncandidates unless said", title_fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "evidence_recall.png", dpi=100)
+        fig.savefig(out / "frame_selection.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
-        made.append("evidence_recall.png")
+        made.append("frame_selection.png")
     return made
 
 

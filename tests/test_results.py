@@ -144,3 +144,8 @@ def test_family_accuracy_bins_steps_and_training_curves_are_drawn(tmp_path):
         append_jsonl(tmp_path / run / "tokens.jsonl", rows)
     assert plots(tmp_path) == ["training_curves.png"]
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    # frame-selection rows add the per-family accuracy / evidence recall figure, M = 32 rows included
+    for name in ("sft_uniform", "sft_voyager_m16", "sft_voyager_m32"):
+        write_eval(tmp_path, name, 0.4, {"count": 0.5, "order": 0.3})
+    assert plots(tmp_path) == ["training_curves.png", "frame_selection.png"]
+    assert (tmp_path / "frame_selection.png").stat().st_size > 10_000
