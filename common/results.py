@@ -113,14 +113,16 @@ def frame_entry(summary: dict) -> dict:
             "evidence_recall_by_family": summary.get("evidence_recall_by_family", {})}
 
 
+VOYAGER_METRICS = ("pair_accuracy", "pair_accuracy_large_gap", "spearman", "evidence_recall_voyager",
+                   "evidence_recall_uniform", "evidence_recall_label_best")  # RESULTS.md's columns, in order
+
+
 def voyager_entry(summary: dict) -> dict:
     """The scorer's ranking on its validation samples (train_voyager.py's summary.json: the last epoch)."""
     final = summary.get("final", {})
-    keys = ("pair_accuracy", "pair_accuracy_large_gap", "spearman", "evidence_recall_voyager",
-            "evidence_recall_uniform", "evidence_recall_label_best")
     return {"train_samples": summary.get("train_samples"), "val_samples": summary.get("val_samples"),
             "median_val_gap": summary.get("median_val_gap"), "coverage": summary.get("spec", {}).get("coverage", False),
-            **{k: final.get(k) for k in keys}}
+            **{k: final.get(k) for k in VOYAGER_METRICS}}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -351,15 +353,16 @@ def plots(out: Path) -> list[str]:
                           {f for e in frame.values() for f in e["evidence_recall_by_family"]})
         fig, axes = plt.subplots(1, 2, figsize=(13, 3.8), sharey=True)
         width = 0.8 / len(frame)
-        bases = list(dict.fromkeys(re.sub(r"_m\d+$", "", name) for name in frame))  # a strategy keeps its colour
+        parts = {name: re.match(r"^(.*?)(?:_m(\d+))?$", name).groups() for name in frame}  # (strategy, M or None)
+        bases = list(dict.fromkeys(base for base, _ in parts.values()))  # a strategy keeps its colour
+        groups = ["all"] + families
         colors = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
-        panels = [(axes[0], "accuracy", ["all"] + families,
-                   lambda e, f: e["accuracy"] if f == "all" else e["by_family"].get(f)),
-                  (axes[1], "evidence recall", ["all"] + families,
+        panels = [(axes[0], "accuracy", lambda e, f: e["accuracy"] if f == "all" else e["by_family"].get(f)),
+                  (axes[1], "evidence recall",
                    lambda e, f: e["evidence_recall"] if f == "all" else e["evidence_recall_by_family"].get(f))]
-        for ax, title, groups, value in panels:
+        for ax, title, value in panels:
             for i, (name, e) in enumerate(frame.items()):
-                base, m = re.match(r"^(.*?)(?:_m(\d+))?$", name).groups()  # M = 32 rows hatched
+                base, m = parts[name]  # M = 32 rows hatched
                 ax.bar([j + i * width for j in range(len(groups))], [value(e, f) or 0.0 for f in groups], width,
                        label=f"{base}, M = {m}" if m else name, color=colors(bases.index(base)),
                        hatch="///" if m else None, edgecolor="white", linewidth=0)
@@ -425,9 +428,7 @@ def markdown(results: dict, images: list[str]) -> str:
                   "Evidence recall of the frames the scorer picks, uniform frames and the best-labeled combination.",
                   "", "| pair accuracy | larger-gap half | Spearman | evidence recall: Voyager | uniform | "
                   "best label |", "|---|---|---|---|---|---|",
-                  "| " + " | ".join(fmt(v[k]) for k in ("pair_accuracy", "pair_accuracy_large_gap", "spearman",
-                                                        "evidence_recall_voyager", "evidence_recall_uniform",
-                                                        "evidence_recall_label_best")) + " |", ""]
+                  "| " + " | ".join(fmt(v[k]) for k in VOYAGER_METRICS) + " |", ""]
     if results["ktr_tokens"]:
         lines += ["## Which tokens KTR selected", "",
                   "| signal | fraction selected | share inside `<answer>` | share informative words |",
