@@ -9,6 +9,9 @@
 #   CANDIDATES=16 bash run.sh   frame selection from M = 16 uniform candidates only (default "16 32")
 #   VISION_STEPS=2500 bash run.sh   pretrains the tiny vision tower first (README, "A pretrained tiny vision tower")
 #                        -> outputs/tiny_tower (the default keeps the random tower of the README's tables)
+#   bash run.sh tower    Frame-Voyager's recipe on that tower: VISION_STEPS=2500 N_LABEL=4800
+#                        LABEL_ARGS=max_combinations=32 VOYAGER_ARGS="epochs=30 coverage=true" RL_ARGS=temperature=0.7
+#                        (README, "Frame-Voyager on the tower"); any of them set in the environment wins
 #   ALL_FRAMES=1 bash run.sh   adds the SFT model on all 64 frames (a probe: far outside its training, it fails)
 #   RL_FRAMES=voyager bash run.sh   GRPO and KTR train on the 8 frames the Voyager scorer picks from 16 candidates,
 #                        and are judged on them (runs grpo_voyager, ktr_voyager; the scorer is trained first);
@@ -87,6 +90,11 @@ trap 'for p in "${PIDS[@]}"; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null
 
 setup
 MODE=${1:-tiny}
+if [ "$MODE" = tower ]; then  # the tiny pipeline with the tower recipe's sizes and overrides (chosen on val-1200)
+  VISION_STEPS=${VISION_STEPS:-2500} N_LABEL=${N_LABEL:-4800} LABEL_ARGS=${LABEL_ARGS-max_combinations=32}
+  VOYAGER_ARGS=${VOYAGER_ARGS-epochs=30 coverage=true} RL_ARGS=${RL_ARGS-temperature=0.7}
+  MODE=tiny
+fi
 case $MODE in
   test)
     ruff check .
@@ -228,6 +236,6 @@ case $MODE in
     done; done
     ;;
   *)
-    echo "usage: bash run.sh [tiny|ablation|test|paper [--dry-run]]" >&2; exit 2
+    echo "usage: bash run.sh [tiny|tower|ablation|test|paper [--dry-run]]" >&2; exit 2
     ;;
 esac

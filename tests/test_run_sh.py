@@ -20,8 +20,8 @@ SMALL = {"N_TRAIN": "24", "N_SFT": "16", "N_TEST": "8", "SFT_STEPS": "4", "N_LAB
          "RL_BATCH": "4", "CANDIDATES": "16", "ALL_FRAMES": "1", "OMP_NUM_THREADS": "1"}
 
 
-def start(out, **env):
-    return subprocess.Popen(["bash", "run.sh"], cwd=ROOT, env={**os.environ, **SMALL, "OUT": str(out), **env},
+def start(out, *args, **env):
+    return subprocess.Popen(["bash", "run.sh", *args], cwd=ROOT, env={**os.environ, **SMALL, "OUT": str(out), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -99,12 +99,12 @@ def test_killed_and_rerun_pipeline_gives_the_results_of_an_uninterrupted_run(tmp
     assert "== eval_ktr:" not in output and not (out / "eval" / "ktr_uniform").exists()
 
 
-def test_vision_steps_pretrains_the_tower_that_sft_starts_from(tmp_path):
-    """VISION_STEPS adds the tower stage and SFT starts from it; RL_ARGS, LABEL_ARGS and VOYAGER_ARGS reach the
-    GRPO / KTR runs, the labels and the scorer (run until the first RL run and the scorer have finished)."""
+def test_tower_mode_pretrains_the_tower_and_passes_its_recipe_to_every_stage(tmp_path):
+    """`bash run.sh tower` adds the tower stage and SFT starts from it; the recipe's LABEL_ARGS and VOYAGER_ARGS
+    reach the labels and the scorer, and an RL_ARGS set in the environment replaces the recipe's (run until the
+    first RL run and the scorer have finished)."""
     out = tmp_path / "t"
-    proc = start(out, VISION_STEPS="3", VISION_SCENES="40", RL_ARGS="temperature=0.7 top_p=0.9",
-                 LABEL_ARGS="max_combinations=12", VOYAGER_ARGS="epochs=3 coverage=true")
+    proc = start(out, "tower", VISION_STEPS="3", VISION_SCENES="40", RL_ARGS="temperature=0.6 top_p=0.9")
     finished = set()
     for line in proc.stdout:
         if line.startswith(("== ktr: finished", "== voyager: finished")):
@@ -118,11 +118,12 @@ def test_vision_steps_pretrains_the_tower_that_sft_starts_from(tmp_path):
     sft = yaml.safe_load((out / "sft" / "config.yaml").read_text())
     assert sft["model"] == str(out / "tower")
     ktr = yaml.safe_load((out / "ktr" / "config.yaml").read_text())
-    assert (ktr["temperature"], ktr["top_p"], ktr["seed"]) == (0.7, 0.9, 0)
+    assert (ktr["temperature"], ktr["top_p"], ktr["seed"]) == (0.6, 0.9, 0)
     voyager = yaml.safe_load((out / "voyager" / "config.yaml").read_text())
-    assert (voyager["epochs"], voyager["coverage"]) == (3, True)
-    assert yaml.safe_load((out / "labels" / "config.yaml").read_text())["max_combinations"] == 12
-    assert {len(r["losses"]) for r in read_jsonl(out / "labels" / "labels.jsonl")} == {12}
+    assert (voyager["epochs"], voyager["coverage"]) == (30, True)
+    labels = yaml.safe_load((out / "labels" / "config.yaml").read_text())
+    assert (labels["max_combinations"], labels["limit"]) == (32, 8)  # N_LABEL from the environment wins
+    assert {len(r["losses"]) for r in read_jsonl(out / "labels" / "labels.jsonl")} == {32}
 
 
 def test_rl_frames_voyager_trains_the_scorer_first_and_rl_on_its_frames(tmp_path):
