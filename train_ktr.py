@@ -51,7 +51,7 @@ from common.checkpoint import latest_checkpoint, load_progress, save_checkpoint
 from common.config import parse_config, require, save_config
 from common.data import Sample, build_prompt, epoch_batches, load_samples, require_some_media
 from common.frames import FramesConfig, load_batch, make_selector
-from common.grpo import counterfactual_scores, group_advantages, grpo_loss, key_token_mask
+from common.grpo import counterfactual_scores, gradient_share, group_advantages, grpo_loss, key_token_mask
 from common.jsonl import append_jsonl, drop_steps_after, read_jsonl, write_json
 from common.launch import configure_deepspeed, make_accelerator
 from common.models import (
@@ -511,6 +511,10 @@ def main() -> None:
 
         # ---- what a researcher sees ---------------------------------------------------------
         valid = rollout.completion_mask
+        # The share of GRPO's per-token gradient, |A| (1 - p), on each signal's tokens and on their union: how
+        # much of plain GRPO's update KTR keeps (README, "Where GRPO's gradient already is").
+        shares = {} if key_mask is None else gradient_share(logps, advantages, valid,
+                                                             {**signal_masks, "union": key_mask})
         group_acc = reward_parts["accuracy"].view(-1, cfg.num_generations)
         metrics = {
             "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
@@ -526,6 +530,7 @@ def main() -> None:
             "dynamic_sampling_rounds": rounds,
             "selected/union": (key_mask & valid).sum().item() / valid.sum().item() if key_mask is not None else 1.0,
             **{f"selected/{k}": (m & valid).sum().item() / valid.sum().item() for k, m in signal_masks.items()},
+            **{f"gradient_share/{k}": v for k, v in shares.items()},
             **signal_overlaps(signal_masks), **loss_metrics,
             **{f"time/{k}": v for k, v in timings.items()},
         }

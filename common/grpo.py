@@ -172,6 +172,23 @@ def key_token_mask(
     return union, masks
 
 
+def gradient_share(logps: Tensor, advantages: Tensor, completion_mask: Tensor, masks: dict[str, Tensor]
+                   ) -> dict[str, float]:
+    """How much of GRPO's per-token gradient each token mask keeps (a diagnostic; nothing trains on it).
+
+    A token's policy term A * log p(y) sends A * (1 - p(y)) to its own logit (d log p(y) / dz_y = 1 - p(y)), so a
+    near-certain token carries almost no gradient whether or not it is selected. Per mask: the sum of
+    |A| * (1 - p(y)) over the masked completion tokens divided by the same sum over every completion token
+    (one update per rollout, before aggregation weights; 0 when no token carries gradient).
+    """
+    valid = completion_mask.bool()
+    weight = torch.where(valid, advantages.detach().abs().unsqueeze(1) * (1.0 - logps.detach().float().exp()), 0.0)
+    total = weight.sum()
+    if total <= 0:
+        return {name: 0.0 for name in masks}
+    return {name: (torch.where(mask.bool(), weight, 0.0).sum() / total).item() for name, mask in masks.items()}
+
+
 def _aggregate(values: Tensor, mask: Tensor, aggregation: str, max_completion_length: int | None) -> Tensor:
     masked = torch.where(mask, values, 0.0)
     if aggregation == "sequence_mean":

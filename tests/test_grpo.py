@@ -9,6 +9,7 @@ import torch
 from common.grpo import (
     counterfactual_scores,
     entropy_from_logits,
+    gradient_share,
     group_advantages,
     grpo_loss,
     key_token_mask,
@@ -230,6 +231,34 @@ def test_key_token_mask_zero_ratio_or_absent_signal_contributes_nothing():
     union, masks = key_token_mask(scores, {"visual": 0.2, "entropy": 0.0, "temporal": 0.5}, valid, group_size=2)
     assert set(masks) == {"visual"}
     assert torch.equal(union, select_by_ratio(scores["visual"], valid, 0.2, 2))
+
+
+def test_gradient_share_is_the_masks_share_of_the_sampled_logits_gradient():
+    """The share equals what autograd sends to each sampled token's own logit under the plain policy term
+    sum A * log p(y): |A| (1 - p(y)) summed over the mask, over the same sum for every completion token."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(4, 6, 7, generator=gen)).requires_grad_()
+    targets = torch.randint(0, 7, (4, 6), generator=gen)
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    valid[2, 3:] = False  # padding: no share, whatever its mask says
+    advantages = torch.tensor([1.5, -0.5, 0.0, -2.0])
+    mask = torch.rand(4, 6, generator=gen) < 0.4
+    mask[2, 5] = True
+    logps = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (advantages.unsqueeze(1) * torch.where(valid, logps, 0.0)).sum().backward()
+    own = logits.grad.gather(-1, targets.unsqueeze(-1)).squeeze(-1).abs()  # gradient at each sampled logit
+    expected = own[mask & valid].sum() / own[valid].sum()
+    shares = gradient_share(logps, advantages, valid, {"mask": mask, "all": torch.ones_like(mask)})
+    assert shares["mask"] == pytest.approx(expected.item(), rel=1e-5)
+    assert shares["all"] == pytest.approx(1.0)
+    assert 0.0 < shares["mask"] < 1.0
+    # a token the policy is sure of carries almost nothing: half the tokens certain, their share near 0
+    sure = torch.tensor([[-1e-6, -1.0], [-1e-6, -2.0]])  # log p(y): p = 1 - 1e-6 vs p = 0.37, 0.14
+    shares = gradient_share(sure, torch.tensor([1.0, -1.0]), torch.ones(2, 2, dtype=torch.bool),
+                            {"sure": torch.tensor([[True, False], [True, False]])})
+    assert shares["sure"] < 1e-5
+    # no advantage anywhere: no gradient to share
+    assert gradient_share(logps, torch.zeros(4), valid, {"mask": mask}) == {"mask": 0.0}
 
 
 def test_key_token_mask_without_active_signal_means_plain_grpo():

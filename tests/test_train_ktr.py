@@ -60,6 +60,9 @@ def test_metrics_tokens_and_attribution_page_are_written(full_run):
                 "time/generation", "time/attribution", "time/update"):
         assert key in metrics[0], key
     assert all(0 < m["selected/union"] <= 1 for m in metrics)
+    for m in metrics:  # KTR logs the share of GRPO's per-token gradient its tokens keep; the union keeps the most
+        shares = {k: m[f"gradient_share/{k}"] for k in ("visual", "temporal", "entropy", "union")}
+        assert all(0 <= v <= 1 for v in shares.values()) and shares["union"] == max(shares.values()), m
     rows = read_jsonl(full_run / "tokens.jsonl")
     assert len(rows) == 4 * 2 * 3  # steps x prompts x generations
     assert all(len(r["selected"]["visual"]) == len(r["tokens"]) for r in rows)
@@ -129,6 +132,7 @@ def test_grpo_config_selects_every_token(answering_model_dir, tiny_world_dir, tm
                  "attribution.temporal=false", "attribution.entropy=false"))
     metrics = read_jsonl(out / "metrics.jsonl")[0]
     assert metrics["selected/union"] == 1.0 and "selected/visual" not in metrics
+    assert not any(k.startswith("gradient_share/") for k in metrics)  # plain GRPO keeps all of it
 
 
 def cpu_accelerate_config(tmp_path, name: str, deepspeed: bool = False, num_processes: int | None = None) -> str:
