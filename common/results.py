@@ -310,7 +310,13 @@ def plots(out: Path) -> list[str]:
                                       dtype=float)  # a missing value (None) becomes NaN
                     if np.isfinite(values).any():
                         draw(ax, steps, values, color, signal, raw=False)
-        for ax, (_, title) in zip(axes.flat, [*panels, (None, "KTR: tokens selected per signal")], strict=False):
+                # how much of GRPO's per-token gradient, |A| (1 - p), those tokens keep (logged since 2026-12-03)
+                values = np.array([[r.get("gradient_share/union", math.nan) for r in rows[:n]] for rows in seeds],
+                                  dtype=float)
+                if np.isfinite(values).any():
+                    draw(ax, steps, values, "black", "union: share of GRPO's gradient", raw=False, linestyle="--")
+        ktr_title = "KTR: tokens selected per signal\n(dashed: the share of GRPO's gradient they keep)"
+        for ax, (_, title) in zip(axes.flat, [*panels, (None, ktr_title)], strict=False):
             ax.set_title(title, fontsize=10)
         axes.flat[len(panels) + 1].axis("off")  # the run legend goes here
         handles, labels = axes.flat[0].get_legend_handles_labels()

@@ -140,7 +140,7 @@ def test_family_accuracy_bins_steps_and_training_curves_are_drawn(tmp_path):
         append_jsonl(tmp_path / run / "metrics.jsonl", [
             {"step": s, "reward": 1 + s / 20, "accuracy": s / 20, "kl": 0.01 * s, "completion_length": 30 + s,
              "all_correct_groups": 0.1, "all_wrong_groups": 0.2, "selected/union": 0.4, "selected/visual": 0.2,
-             "selected/temporal": None if s == 3 else 0.2} for s in range(1, 21)])
+             "selected/temporal": None if s == 3 else 0.2, "gradient_share/union": 0.8} for s in range(1, 21)])
         append_jsonl(tmp_path / run / "tokens.jsonl", rows)
     assert plots(tmp_path) == ["training_curves.png"]
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
