@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -341,6 +342,44 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(out))
 
 
+# --- free wording (an ablation of the SFT reasoning, never the default) ---
+
+# Sentences that do not depend on the video: an opening (one way of six is none) and the link to the letter.
+OPENINGS = ("", "Let me watch the video. ", "I look at each frame. ", "Watching the clip closely. ",
+            "I check the frames in order. ", "Looking at the video now. ")
+LINKS = ("{Value} is option {letter}.", "That matches option {letter}.", "So the answer is option {letter}.",
+         "Option {letter} says {value}.")
+
+
+def free_wording(process: str, problem_id: int, seed: int = 7) -> str:
+    """`process` with an opening sentence and a link to the option letter drawn per sample (from OPENINGS and
+    LINKS, by (seed, problem_id)); what it says about the video is kept word for word. The words a model
+    writes then vary where the video says nothing: tokens that are uncertain but carry no evidence, as in a
+    real model's free-form reasoning (README, "Where GRPO's gradient already is")."""
+    m = re.fullmatch(r"(.*?)(\S+) is option ([A-D])\.", process, flags=re.S)
+    if m is None:
+        raise ValueError(f"problem {problem_id}: not a TinyWorld reasoning (no 'X is option L.' at its end): "
+                         f"{process!r}")
+    said, value, letter = m.groups()
+    rng = np.random.default_rng([seed, int(problem_id)])
+    link = LINKS[rng.integers(len(LINKS))]
+    opening = OPENINGS[rng.integers(len(OPENINGS))]
+    return opening + said + link.format(Value=value, value=value[0].lower() + value[1:], letter=letter)
+
+
+def reword(src: str | Path, dst: str | Path, seed: int = 7) -> int:
+    """Write the Video-R1 JSON list `src` to `dst` with every `process` in free wording (media paths are kept,
+    so `dst` goes next to `src`). Returns the number of records."""
+    records = json.loads(Path(src).read_text(encoding="utf-8"))
+    for r in records:
+        try:
+            r["process"] = free_wording(r["process"], r["problem_id"], seed)
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+    Path(dst).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    return len(records)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -351,7 +390,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--fps", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reword", metavar="JSON", help="instead of generating: write JSON's records to --out with "
+                    "their reasoning in free wording (free_wording)")
+    ap.add_argument("--wording-seed", type=int, default=7, help="--reword: the seed of the wording drawn")
     a = ap.parse_args(argv)
+    if a.reword:
+        n = reword(a.reword, a.out, a.wording_seed)
+        print(f"tinyworld: {n} reasonings of {a.reword} in free wording -> {a.out}")
+        return
     info = generate(a.out, a.train, a.test, a.seed, a.frames, a.size, a.fps, a.workers)
     print(f"tinyworld: {a.train} train + {a.test} test videos ({a.frames} frames, {a.size}px, {a.fps} fps) "
           f"-> {a.out} in {info['seconds']:.1f}s, {info['video_bytes'] / 1e6:.1f} MB of video")

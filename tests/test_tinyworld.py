@@ -181,3 +181,36 @@ def test_render_equals_a_masked_write_per_frame():
         assert any(len(s.objects) > 1 for s in scenes)  # overlapping objects: the later one must cover
         for s in scenes:
             np.testing.assert_array_equal(tw.render(s, frames, size), naive(s, frames, size))
+
+
+def test_free_wording_keeps_what_the_reasoning_says_and_varies_only_the_rest(world, tmp_path):
+    """--reword: each reasoning keeps its observation and its answer letter word for word; only the opening and
+    the link to the letter vary, drawn per sample (the same twice, another with another seed); bad input names
+    the file and the problem."""
+    src = world / "train.json"
+    out = tmp_path / "free.json"
+    proc = subprocess.run([sys.executable, "-m", "common.tinyworld", "--reword", str(src), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    before, after = json.loads(src.read_text()), json.loads(out.read_text())
+    assert [{k: v for k, v in r.items() if k != "process"} for r in before] == \
+           [{k: v for k, v in r.items() if k != "process"} for r in after]
+    for b, a in zip(before, after, strict=True):
+        letter, value = answer_of(b)
+        said = b["process"].removesuffix(f"{value[0].upper()}{value[1:]} is option {letter}.")
+        assert said != b["process"], b["process"]  # the reasoning ends with its link to the answer
+        links = {link.format(Value=f"{value[0].upper()}{value[1:]}", value=value, letter=letter) for link in tw.LINKS}
+        assert any(a["process"] == opening + said + link for opening in tw.OPENINGS for link in links), a["process"]
+    pids = range(200)
+    drawn = [tw.free_wording("The square is red. Red is option A.", pid) for pid in pids]
+    assert len(set(drawn)) > 12  # 6 openings x 4 links
+    assert {tw.free_wording("There are 2 shapes: a red square and a blue circle. 2 is option B.", pid)
+            for pid in pids} >= {"There are 2 shapes: a red square and a blue circle. Option B says 2.",
+                                 "Looking at the video now. There are 2 shapes: a red square and a blue circle. "
+                                 "That matches option B."}
+    assert drawn == [tw.free_wording("The square is red. Red is option A.", pid) for pid in pids]
+    assert drawn != [tw.free_wording("The square is red. Red is option A.", pid, seed=8) for pid in pids]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**before[0], "problem_id": 77, "process": "no letter here"}]))
+    with pytest.raises(ValueError, match=r"bad\.json: problem 77: not a TinyWorld reasoning"):
+        tw.reword(bad, tmp_path / "x.json")
