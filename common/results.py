@@ -155,6 +155,9 @@ def collect_seeds(out: Path) -> dict:
         if metrics:
             keys = [k for k in metrics[0] if k.startswith("selected/")]
             entry["selected"] = {k.removeprefix("selected/"): sum(m[k] for m in metrics) / len(metrics) for k in keys}
+            kept = [m["gradient_share/union"] for m in metrics if m.get("gradient_share/union") is not None]
+            if kept:  # KTR runs since 2026-12-03: the share of GRPO's per-token gradient their tokens keep
+                entry["gradient_kept"] = sum(kept) / len(kept)
             entry["train_reward"] = [m["reward"] for m in metrics]
         runs.setdefault(run, {})[seed] = entry
     table = {}
@@ -171,6 +174,9 @@ def collect_seeds(out: Path) -> dict:
                          for k in selected_keys},
             "train_reward": {str(k): e.get("train_reward", []) for k, e in sorted(by_seed.items())},
         }
+        kept = [e["gradient_kept"] for e in by_seed.values() if "gradient_kept" in e]
+        if kept:
+            table[run]["gradient_kept"] = mean_std(kept)[0]
     paired = {}
     for run, by_seed in runs.items():
         base = baseline(run)
@@ -470,22 +476,28 @@ def seeds_markdown(seeds: dict) -> list[str]:
     order = ["visual", "temporal", "entropy", "union"]
     signals = sorted({k for r in runs.values() for k in r["selected"]}, key=lambda k: order.index(k) if k in order
                      else len(order))
+    kept = any("gradient_kept" in r for r in runs.values())
     voyager = any(run_frames(run) == "voyager" for run in runs)
     frames = "8 frames: uniform, Voyager's for the *_voyager runs" if voyager else "8 uniform frames"
     lines = [f"## RL over seeds: the paper's ablation on the tiny default (test split, greedy, {frames})", "",
              "Accuracy is the mean ± std over seeds; per-family columns are means; the selected fractions are",
-             "averaged over training steps; the paper column is the Video-KTR ablation (mean of three benchmarks)."
+             "averaged over training steps"
+             + ("; GRPO's gradient kept is the share of GRPO's per-token gradient, |A| (1 - p), on the selected"
+                " tokens (near 1: KTR's update is GRPO's)" if kept else "")
+             + "; the paper column is the Video-KTR ablation (mean of three benchmarks)."
              + (" Runs on Voyager's frames (run.sh RL_FRAMES=voyager) trained and are judged on the 8 frames the"
                 " scorer picks from 16 candidates: compare them with the SFT model's `voyager` row of the frame"
                 " selection table." if voyager else ""), "",
              "| run | seeds | accuracy | " + " | ".join(families) + " | " + " | ".join(f"sel. {k}" for k in signals)
-             + " | paper |", "|---|---|---|" + "---|" * (len(families) + len(signals) + 1)]
+             + (" | GRPO's gradient kept" if kept else "") + " | paper |",
+             "|---|---|---|" + "---|" * (len(families) + len(signals) + kept + 1)]
     for run in sorted(runs, key=lambda r: list(ABLATION_NAMES).index(r) if r in ABLATION_NAMES else 99):
         r = runs[run]
         paper = PAPER_ABLATION.get(run)
         lines.append(f"| {ABLATION_NAMES.get(run, run)} | {len(r['seeds'])} | {r['accuracy']['mean']:.3f} ± "
                      f"{r['accuracy']['std']:.3f} | " + " | ".join(fmt(r["by_family"].get(f)) for f in families)
                      + " | " + " | ".join(fmt(r["selected"].get(k)) for k in signals)
+                     + (f" | {fmt(r.get('gradient_kept'))}" if kept else "")
                      + f" | {'' if paper is None else paper} |")
     if seeds["paired"]:
         lines += ["", "Paired differences to GRPO (same seeds, so the same prompts and sampling seeds):", "",

@@ -57,8 +57,10 @@ def test_seed_table_means_spread_and_paired_interval_to_grpo(tmp_path):
         write_eval(tmp_path, f"ktr{suffix}_uniform", k, {"count": k + 0.1})
         (tmp_path / f"ktr{suffix}").mkdir()
         append_jsonl(tmp_path / f"ktr{suffix}" / "metrics.jsonl",
-                     [{"step": 1, "reward": 0.3, "selected/union": 0.5, "selected/visual": 0.2},
-                      {"step": 2, "reward": 0.5, "selected/union": 0.7, "selected/visual": 0.2}])
+                     [{"step": 1, "reward": 0.3, "selected/union": 0.5, "selected/visual": 0.2,
+                       "gradient_share/union": 0.8 + seed / 100},
+                      {"step": 2, "reward": 0.5, "selected/union": 0.7, "selected/visual": 0.2,
+                       "gradient_share/union": 0.9 + seed / 100}])
     write_eval(tmp_path, "ktr_visual_uniform", 0.41, {"count": 0.5})
     write_eval(tmp_path, "sft_uniform", 0.45, {"count": 0.6})  # not an RL run: not in the seed table
     seeds = collect(tmp_path)["seeds"]
@@ -66,6 +68,8 @@ def test_seed_table_means_spread_and_paired_interval_to_grpo(tmp_path):
     assert seeds["runs"]["grpo"]["accuracy"]["mean"] == pytest.approx(0.42)
     assert seeds["runs"]["grpo"]["accuracy"]["std"] == pytest.approx(0.02)
     assert seeds["runs"]["ktr"]["selected"] == {"union": pytest.approx(0.6), "visual": pytest.approx(0.2)}
+    assert seeds["runs"]["ktr"]["gradient_kept"] == pytest.approx(0.86)  # steps' mean, then the seeds' mean
+    assert "gradient_kept" not in seeds["runs"]["grpo"]
     paired = seeds["paired"]["ktr - grpo"]
     assert paired["per_seed"] == pytest.approx([0.03, 0.01, 0.05]) and paired["mean"] == pytest.approx(0.03)
     # t(0.975, 2 dof) = 4.303, sd of the differences 0.02: half-width 4.303 * 0.02 / sqrt(3)
@@ -73,6 +77,10 @@ def test_seed_table_means_spread_and_paired_interval_to_grpo(tmp_path):
     assert seeds["paired"]["ktr_visual - grpo"]["n"] == 1 and seeds["paired"]["ktr_visual - grpo"]["ci95"] is None
     page = markdown(collect(tmp_path), [])
     assert "| all three (KTR) | 3 | 0.450 ± 0.020 |" in page and "| 53.4 |" in page and "ktr - grpo" in page
+    assert "| GRPO's gradient kept | paper |" in page and "| 0.200 | 0.600 | 0.860 | 53.4 |" in page
+    header = next(line for line in page.splitlines() if line.startswith("| run | seeds |"))
+    rule = page.splitlines()[page.splitlines().index(header) + 1]
+    assert header.count("|") == rule.count("|")  # a well-formed table
     assert "(test split, greedy, 8 uniform frames)" in page and "RL_FRAMES" not in page
 
 
