@@ -207,6 +207,11 @@ def collect(out: Path) -> dict:
         results["voyager"] = voyager_entry(json.loads((out / "voyager" / "summary.json").read_text()))
     if (out / "ktr" / "tokens.jsonl").exists():
         results["ktr_tokens"] = token_informativeness(read_jsonl(out / "ktr" / "tokens.jsonl"), tinyworld_words())
+        metrics = read_jsonl(out / "ktr" / "metrics.jsonl") if (out / "ktr" / "metrics.jsonl").exists() else []
+        for name, entry in results["ktr_tokens"].items():  # each signal's share of GRPO's gradient, over steps
+            kept = [m[f"gradient_share/{name}"] for m in metrics if m.get(f"gradient_share/{name}") is not None]
+            if kept:
+                entry["gradient_kept"] = sum(kept) / len(kept)
     for row in read_jsonl(out / "timings.jsonl"):
         results["timings"][row["stage"]] = row["seconds"]
     for path in sorted(out.rglob("skipped.jsonl")):
@@ -443,12 +448,14 @@ def markdown(results: dict, images: list[str]) -> str:
                   "| " + " | ".join(fmt(v[k]) for k in VOYAGER_METRICS) + " |", ""]
     if results["ktr_tokens"]:
         lines += ["## Which tokens KTR selected", "",
-                  "| signal | fraction selected | share inside `<answer>` | share informative words |",
-                  "|---|---|---|---|"]
+                  "| signal | fraction selected | share inside `<answer>` | share informative words | "
+                  "share of GRPO's gradient |", "|---|---|---|---|---|"]
         for name, e in results["ktr_tokens"].items():
             lines.append(f"| {name} | {fmt(e.get('selected_fraction'))} | {fmt(e['share_in_answer'])} | "
-                         f"{fmt(e['share_informative'])} |")
-        lines += ["", "`all_tokens` is the base rate: a selection that prefers informative tokens beats it.", ""]
+                         f"{fmt(e['share_informative'])} | {fmt(e.get('gradient_kept'))} |")
+        lines += ["", "`all_tokens` is the base rate: a selection that prefers informative tokens beats it. The "
+                  "share of GRPO's gradient: of GRPO's per-token gradient |A| (1 - p), the share on the selected "
+                  "tokens (mean over steps; near 1, KTR's update is GRPO's).", ""]
     lines += ["## Skipped inputs", ""]
     if not results["skipped"]:
         lines += ["No stage skipped a sample.", ""]

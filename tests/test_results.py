@@ -27,6 +27,28 @@ def test_token_informativeness_counts_answer_and_informative_shares():
     assert out["all_tokens"] == {"share_in_answer": 0.1, "share_informative": 0.3}
 
 
+def test_token_table_gives_each_signals_share_of_grpos_gradient_from_the_metrics(tmp_path):
+    """RESULTS.md's token table reads each signal's gradient share from KTR's metrics.jsonl (mean over steps);
+    a run logged before the metric existed leaves the column empty rather than failing."""
+    from common.jsonl import append_jsonl
+    from common.results import collect, markdown
+
+    (tmp_path / "ktr").mkdir()
+    append_jsonl(tmp_path / "ktr" / "tokens.jsonl", [ROW])
+    page = markdown(collect(tmp_path), [])
+    assert "| share of GRPO's gradient |" in page and "| union | 0.300 |" in page
+    assert next(line for line in page.splitlines() if line.startswith("| union |")).endswith("|  |")
+    append_jsonl(tmp_path / "ktr" / "metrics.jsonl", [
+        {"step": 1, "gradient_share/visual": 0.5, "gradient_share/union": 0.9},
+        {"step": 2, "gradient_share/visual": 0.7, "gradient_share/union": 1.0}])
+    results = collect(tmp_path)
+    assert results["ktr_tokens"]["visual"]["gradient_kept"] == pytest.approx(0.6)
+    assert results["ktr_tokens"]["union"]["gradient_kept"] == pytest.approx(0.95)
+    assert "gradient_kept" not in results["ktr_tokens"]["entropy"]  # not logged: no value made up
+    lines = markdown(results, []).splitlines()
+    assert next(line for line in lines if line.startswith("| union |")).endswith("| 0.950 |")
+
+
 def test_attribution_page_marks_each_selected_token_and_escapes_text(tmp_path):
     row = dict(ROW, question="Is 1 < 2?")
     page = write_attribution_html([row], tmp_path / "a.html").read_text()
