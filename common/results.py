@@ -125,6 +125,12 @@ def voyager_entry(summary: dict) -> dict:
             **{k: final.get(k) for k in VOYAGER_METRICS}}
 
 
+def step_mean(metrics: list[dict], key: str) -> float | None:
+    """The mean of a metric over the logged steps that have it (None when none has it: an older run)."""
+    values = [m[key] for m in metrics if m.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     m = sum(values) / len(values)
@@ -155,9 +161,8 @@ def collect_seeds(out: Path) -> dict:
         if metrics:
             keys = [k for k in metrics[0] if k.startswith("selected/")]
             entry["selected"] = {k.removeprefix("selected/"): sum(m[k] for m in metrics) / len(metrics) for k in keys}
-            kept = [m["gradient_share/union"] for m in metrics if m.get("gradient_share/union") is not None]
-            if kept:  # KTR runs since 2026-12-03: the share of GRPO's per-token gradient their tokens keep
-                entry["gradient_kept"] = sum(kept) / len(kept)
+            if (kept := step_mean(metrics, "gradient_share/union")) is not None:  # KTR runs since 2026-12-03
+                entry["gradient_kept"] = kept
             entry["train_reward"] = [m["reward"] for m in metrics]
         runs.setdefault(run, {})[seed] = entry
     table = {}
@@ -209,9 +214,8 @@ def collect(out: Path) -> dict:
         results["ktr_tokens"] = token_informativeness(read_jsonl(out / "ktr" / "tokens.jsonl"), tinyworld_words())
         metrics = read_jsonl(out / "ktr" / "metrics.jsonl") if (out / "ktr" / "metrics.jsonl").exists() else []
         for name, entry in results["ktr_tokens"].items():  # each signal's share of GRPO's gradient, over steps
-            kept = [m[f"gradient_share/{name}"] for m in metrics if m.get(f"gradient_share/{name}") is not None]
-            if kept:
-                entry["gradient_kept"] = sum(kept) / len(kept)
+            if (kept := step_mean(metrics, f"gradient_share/{name}")) is not None:
+                entry["gradient_kept"] = kept
     for row in read_jsonl(out / "timings.jsonl"):
         results["timings"][row["stage"]] = row["seconds"]
     for path in sorted(out.rglob("skipped.jsonl")):
