@@ -143,7 +143,7 @@ def main() -> None:
         epoch, in_epoch = divmod(micro, steps_per_epoch)
         batches = epoch_batches(len(samples), cfg.batch_size, accelerator.num_processes,
                                 accelerator.process_index, cfg.seed, epoch)
-        if hasattr(select, "set_epoch"):  # frames.strategy=random: new subsets each epoch
+        if hasattr(select, "set_epoch"):  # frames.strategy=random / segment: new draws each epoch
             select.set_epoch(epoch)
         for indices in batches[in_epoch:]:
             if micro >= total_micro:

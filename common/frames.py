@@ -22,7 +22,7 @@ from common.config import require
 from common.data import Sample
 from common.video import Clip, VideoError, probe, read_frames, uniform_indices
 
-Strategy = Literal["uniform", "evidence", "fps", "all", "random", "voyager", "retrieval", "aks", "dpp"]
+Strategy = Literal["uniform", "evidence", "fps", "all", "random", "segment", "voyager", "retrieval", "aks", "dpp"]
 CANDIDATE_STRATEGIES = ("random", "voyager", "retrieval", "aks", "dpp")  # choose T of M uniform candidates
 
 
@@ -52,7 +52,7 @@ class FramesConfig:
     # this at selection (1 = as trained; 0 = the paper's top T of the same scorer's rewards; larger = more spread).
     coverage_scale: float = 1.0
     retrieval_model: str = ""  # CLIP/SigLIP path for retrieval / aks / dpp; empty = the answering model's embeddings
-    seed: int = 0  # strategy=random: the draws depend on (seed, epoch, problem_id) only
+    seed: int = 0  # strategy=random / segment: the draws depend on (seed, epoch, problem_id) only
     # Decoded frames kept in memory (MiB, least recently used out first) for the strategies that read the same
     # frames of a video every time (uniform, fps, all, evidence): a multi-epoch SFT then decodes each video
     # once. 0 = off. Costs frames x H x W x 3 bytes per video (8 x 112 x 112: 0.3 MiB).
@@ -150,6 +150,8 @@ def _make_selector(cfg: FramesConfig, model=None, processor=None) -> Selector:
         return lambda sample: read_evidence_frames(sample, cfg.num)
     if cfg.strategy == "random":
         return RandomSubsetSelector(cfg.candidates, cfg.num, cfg.seed)
+    if cfg.strategy == "segment":
+        return SegmentSelector(cfg.num, cfg.seed)
     if cfg.strategy == "voyager":  # the scorer (and its backbone, if not the answering model) loads once, here
         from common.voyager import VoyagerSelector
 
@@ -225,6 +227,41 @@ class RandomSubsetSelector:
 
         return pick_frames(sample, self.candidates, self.num,
                            lambda clip, query: self.positions(sample.problem_id, len(clip.indices)))
+
+
+def segment_indices(total_frames: int, num: int, rng: np.random.Generator) -> list[int]:
+    """One frame drawn uniformly from each of `num` equal segments of the video (TSN's training sampling, Wang
+    et al., ECCV 2016); segment k holds frames [k * total // num, (k + 1) * total // num). A video with fewer
+    frames than `num` gives what uniform sampling gives (frames repeat)."""
+    if total_frames < num:
+        return uniform_indices(total_frames, num)
+    bounds = [k * total_frames // num for k in range(num + 1)]
+    return [int(rng.integers(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+class SegmentSelector:
+    """`frames.strategy=segment`: T frames spread as uniform's are, each drawn inside its own segment, so the
+    frames keep uniform's coverage but not its exact positions (`segment_indices`). For training: a model trained
+    only on uniform's fixed positions can come to depend on them (README, "Why count loses"); shown positions
+    jittered within their segments, it sees what a frame selector's spread frames look like while still seeing
+    the whole video. Draws as `RandomSubsetSelector`'s: a function of (seed, epoch, problem_id) alone; a trainer
+    calls `set_epoch(e)`; an evaluation keeps epoch 0."""
+
+    def __init__(self, num: int, seed: int = 0):
+        self.num, self.seed, self.epoch = num, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self, problem_id: str, total_frames: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(str(problem_id).encode())])
+        return segment_indices(total_frames, self.num, rng)
+
+    def __call__(self, sample: Sample) -> Clip:
+        total = probe(sample.path)[0]
+        if total < self.num:
+            return read_frames(sample.path, num_frames=self.num)
+        return read_frames(sample.path, indices=self.indices(sample.problem_id, total))
 
 
 def read_image(path) -> np.ndarray:

@@ -140,6 +140,35 @@ def test_random_strategy_draws_sorted_subsets_of_the_candidates_from_seed_epoch_
         FramesConfig(strategy="random", num=17, candidates=16).validate()
 
 
+def test_segment_strategy_draws_one_frame_inside_each_segment_from_seed_epoch_and_id(videos):
+    cfg = FramesConfig(strategy="segment", num=8, seed=3)
+    bounds = [k * 200 // 8 for k in range(9)]  # segments of 25 frames
+    draws, seen = {}, set()
+    for epoch in range(3):
+        for pid in ("a", "b", "c"):
+            select = make_selector(cfg)  # a fresh selector, as a resumed run has
+            select.set_epoch(epoch)
+            clip = select(video_sample(videos["long"], pid))
+            assert len(clip.indices) == 8 and clip.indices == sorted(clip.indices)
+            assert all(lo <= i < hi for i, lo, hi in zip(clip.indices, bounds[:-1], bounds[1:], strict=True))
+            assert clip.timestamps == [i / 8 for i in clip.indices]  # the true times of the frames kept
+            np.testing.assert_array_equal(clip.frames, read_frames(videos["long"], indices=clip.indices).frames)
+            assert select(video_sample(videos["long"], pid)).indices == clip.indices  # the same draw again
+            draws[epoch, pid] = clip.indices
+            seen.update(clip.indices)
+    assert len(set(map(tuple, draws.values()))) == 9  # each (epoch, id) its own draw
+    assert len(seen) > 8 * 3  # positions move inside their segments, unlike uniform's fixed centres
+    other_seed = make_selector(FramesConfig(strategy="segment", num=8, seed=4))
+    assert other_seed(video_sample(videos["long"], "a")).indices != draws[0, "a"]
+    # every frame of a segment can be drawn, and only those: 10 frames, 2 segments of 5
+    from common.frames import segment_indices
+    rng = np.random.default_rng(0)
+    got = [segment_indices(10, 2, rng) for _ in range(400)]
+    assert {g[0] for g in got} == {0, 1, 2, 3, 4} and {g[1] for g in got} == {5, 6, 7, 8, 9}
+    # a video with fewer frames than T gives what uniform gives (frames repeat)
+    assert make_selector(cfg)(video_sample(videos["tiny"], "a")).indices == uniform_indices(3, 8)
+
+
 @pytest.mark.parametrize("total, num, evidence, expected", [
     (64, 8, [10, 11, 12], [4, 12, 20, 28, 36, 44, 52, 60]),  # already seen: uniform as it is
     (64, 8, [], [4, 12, 20, 28, 36, 44, 52, 60]),  # nothing annotated
