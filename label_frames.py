@@ -89,6 +89,9 @@ class Config:
     media_root: str = ""  # where relative media paths resolve; empty = the data file's directory
     output_dir: str = "outputs/tiny/labels"
     candidates: int = 16  # M candidate frames per video, uniform
+    # Label each sample at one M of this list instead, drawn from a hash of (seed, problem_id), so a scorer that
+    # will select at several M learns from each (e.g. [16, 32]); empty = `candidates` for every sample.
+    mixed_candidates: list[int] = field(default_factory=list)
     num_frames: int = 4  # T frames per combination
     max_combinations: int = 128  # all C(M, T) combinations up to this many, else this many sampled
     refine_fraction: float = 0.25  # share of sampled combinations drawn towards low-loss frames (2nd round)
@@ -106,8 +109,9 @@ class Config:
 
     def validate(self) -> None:
         require(self.num_frames > 0, "num_frames", f"must be > 0, got {self.num_frames}")
-        require(self.candidates >= self.num_frames, "candidates",
-                f"M={self.candidates} must be >= num_frames T={self.num_frames}")
+        for key, ms in (("candidates", [self.candidates]), ("mixed_candidates", self.mixed_candidates)):
+            for m in ms:
+                require(m >= self.num_frames, key, f"M={m} must be >= num_frames T={self.num_frames}")
         require(self.max_combinations >= 2, "max_combinations", "need at least 2 combinations to rank")
         require(0.0 <= self.refine_fraction < 1.0, "refine_fraction", "must be in [0, 1)")
         require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
@@ -316,12 +320,21 @@ class CombinationLabeler:
         return out
 
 
+def sample_candidates(cfg: Config, problem_id: str) -> int:
+    """The M a sample is labeled at: `candidates`, or with `mixed_candidates` one of them by a hash of the sample
+    (independent of its position, so not tied to a question family that the data cycles through)."""
+    if not cfg.mixed_candidates:
+        return cfg.candidates
+    return cfg.mixed_candidates[sample_seed(cfg.seed, f"M:{problem_id}") % len(cfg.mixed_candidates)]
+
+
 def label_sample(model, processor, sample: Sample, cfg: Config) -> dict:
     """Candidates, combinations and their losses for one sample (raises VideoError for broken videos)."""
     total, _ = probe(sample.path)
     if total < cfg.num_frames:
         raise VideoError(f"{sample.path}: {total} frames, fewer than num_frames={cfg.num_frames}")
-    clip = read_frames(sample.path, num_frames=min(cfg.candidates, total))  # distinct frames only
+    m = sample_candidates(cfg, sample.problem_id)
+    clip = read_frames(sample.path, num_frames=min(m, total))  # distinct frames only
     m, t = len(clip.indices), cfg.num_frames
     prompt, target = build_prompt(sample), target_text(sample, cfg.target)
     labeler = CombinationLabeler(model, processor, clip, prompt, target, t)

@@ -137,3 +137,31 @@ def test_flat_samples_are_filtered_by_loss_spread(tiny_model_dir, broken_world, 
     assert read_jsonl(out / "labels.jsonl") == []
     reasons = [r["reason"] for r in read_jsonl(out / "skipped.jsonl")]
     assert len(reasons) == 3 and sum("flat losses" in r for r in reasons) == 2
+
+
+def test_mixed_candidates_label_each_sample_at_its_own_m_as_a_single_m_run_would(clean_run, tiny_model_dir,
+                                                                                broken_world, tmp_path):
+    from common.config import ConfigError
+    from label_frames import Config, sample_candidates
+
+    data, _ = broken_world
+    out = tmp_path / "mixed"
+    run_label(label_args(tiny_model_dir, data / "train.json", out, "mixed_candidates=[4, 8]"))
+    rows = read_jsonl(out / "labels.jsonl")
+    cfg = Config(candidates=8, num_frames=2, mixed_candidates=[4, 8])
+    reference = {r["problem_id"]: r for r in read_jsonl(clean_run / "labels.jsonl")}
+    assert [r["problem_id"] for r in rows] == list(reference)  # the same samples, the broken ones skipped
+    sizes = [len(r["candidate_indices"]) for r in rows]
+    assert sizes == [sample_candidates(cfg, r["problem_id"]) for r in rows] and set(sizes) == {4, 8}
+    for row in rows:
+        if len(row["candidate_indices"]) == 4:  # C(4, 2) = 6 <= 12: every combination
+            assert sorted(map(tuple, row["combinations"])) == list(combinations(range(4), 2))
+            assert row["candidate_indices"] == read_frames(row["path"], num_frames=4).indices
+        else:  # what the run at candidates=8 labeled for this sample
+            want = reference[row["problem_id"]]
+            assert row["candidate_indices"] == want["candidate_indices"]
+            assert row["combinations"] == want["combinations"]
+            assert row["losses"] == pytest.approx(want["losses"], abs=1e-5)
+    with pytest.raises(ConfigError, match=r"mixed_candidates.*M=1 must be >= num_frames T=2"):
+        dataclasses.replace(cfg, model=str(tiny_model_dir), data=str(data / "train.json"),
+                            mixed_candidates=[8, 1]).validate()
