@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -168,11 +169,14 @@ def median_gap(rows: list[dict], margin: float) -> float:
 
 @torch.no_grad()
 def validate(heads, items: list[Item], margin: float, num_frames: int, device,
-             large_gap: float = math.inf) -> dict[str, float]:
+             large_gap: float = math.inf, sizes: Sequence[int] = ()) -> dict[str, float]:
     """Sums over `items` (so shards can be added up): ranking accuracy (the pairs whose loss gap exceeds `margin`,
-    and those whose gap exceeds `large_gap`), Spearman, evidence hits."""
+    and those whose gap exceeds `large_gap`), Spearman, evidence hits; with two or more candidate counts in
+    `sizes` (labels from `mixed_candidates`; every process passes the same), the pairs of each M apart too."""
     sums = dict.fromkeys(["pairs", "correct", "pairs_large_gap", "correct_large_gap", "spearman", "samples",
                           "with_evidence", "hit_voyager", "hit_uniform", "hit_label_best"], 0.0)
+    per_m = sorted(set(sizes)) if len(set(sizes)) > 1 else []
+    sums |= {f"{key}_m{m}": 0.0 for m in per_m for key in ("pairs", "correct")}
     for it in items:
         rewards, coverage = heads(it.frames.to(device), it.query.to(device))
         rewards, coverage = rewards.cpu(), None if coverage is None else coverage.cpu()
@@ -183,6 +187,9 @@ def validate(heads, items: list[Item], margin: float, num_frames: int, device,
         right = (diff > 0).float() + 0.5 * (diff == 0).float()
         sums["pairs"] += better.sum().item()
         sums["correct"] += right[better].sum().item()
+        if per_m:
+            sums[f"pairs_m{len(it.candidate_indices)}"] += better.sum().item()
+            sums[f"correct_m{len(it.candidate_indices)}"] += right[better].sum().item()
         sums["pairs_large_gap"] += large.sum().item()
         sums["correct_large_gap"] += right[large].sum().item()
         sums["spearman"] += spearman(scores, -it.losses)
@@ -204,6 +211,9 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     if sums["pairs_large_gap"]:
         out["pair_accuracy_large_gap"] = sums["correct_large_gap"] / sums["pairs_large_gap"]
     out["spearman"] = sums["spearman"] / max(1, sums["samples"])
+    for key in sums:
+        if key.startswith("pairs_m") and sums[key]:
+            out[f"pair_accuracy_{key[6:]}"] = sums["correct" + key[5:]] / sums[key]
     if sums["with_evidence"]:
         for key in ("voyager", "uniform", "label_best"):
             out[f"evidence_recall_{key}"] = sums[f"hit_{key}"] / sums["with_evidence"]
@@ -233,6 +243,7 @@ def main() -> None:
     val_rows, train_rows = [rows[i] for i in order[:n_val]], [rows[i] for i in order[n_val:]]
     # pair_accuracy_large_gap: the validation pairs above the median gap of all of them, whatever the margin
     large_gap = median_gap(val_rows, 0.0)
+    sizes = sorted({len(r["candidate_indices"]) for r in val_rows})  # M of the validation samples, the same everywhere
 
     if len(train_rows) < world:
         raise SystemExit(f"{len(train_rows)} training samples for {world} processes")
@@ -273,7 +284,7 @@ def main() -> None:
 
     def epoch_metrics(epoch: int, train_loss: float | None) -> dict:
         sums = validate(accelerator.unwrap_model(heads).eval(), val, cfg.margin, num_frames, accelerator.device,
-                        large_gap)
+                        large_gap, sizes)
         totals = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "sum")
         row = {"epoch": epoch, "train_loss": train_loss, **summarize(dict(zip(sums, totals.tolist(), strict=True)))}
         if accelerator.is_main_process:

@@ -83,6 +83,15 @@ def test_validation_pair_accuracy_overall_and_on_the_larger_gap_half():
     # The margin selects the pairs of the overall accuracy only: the larger-gap pairs stay the same.
     sums = validate(lambda frames, query: (rewards, None), [item], 0.95, 1, "cpu", large_gap=1.0)
     assert sums["pairs"] == 4 and sums["pairs_large_gap"] == 3 and sums["correct"] == 3
+    assert not any(key.startswith("pair_accuracy_m") for key in out)  # one M: no per-M split
+    # Labels at two M (mixed_candidates): the pairs of each M apart, and together the overall accuracy.
+    wide = Item(frames=torch.zeros(8, 1, 1), query=torch.zeros(1, 1), combinations=torch.tensor([[0], [1], [2]]),
+                losses=torch.tensor([0.0, 1.0, 2.0]), candidate_indices=list(range(8)), total_frames=8, evidence=None)
+    wide_rewards = torch.tensor([1.0, 2.0, 3.0, 0, 0, 0, 0, 0])  # every one of its 3 pairs ordered wrongly
+    heads = lambda frames, query: (rewards if len(frames) == 4 else wide_rewards, None)  # noqa: E731
+    out = summarize(validate(heads, [item, wide], 0.0, 1, "cpu", sizes=[4, 8, 4]))
+    assert out["pair_accuracy_m4"] == pytest.approx(5 / 6) and out["pair_accuracy_m8"] == 0.0
+    assert out["pair_accuracy"] == pytest.approx(5 / 9)
 
 
 @pytest.mark.parametrize("token_pool,coverage", [("mean", False), ("max", False), ("mean", True)])
