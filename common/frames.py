@@ -236,7 +236,7 @@ def segment_indices(total_frames: int, num: int, rng: np.random.Generator) -> li
     if total_frames < num:
         return uniform_indices(total_frames, num)
     bounds = [k * total_frames // num for k in range(num + 1)]
-    return [int(rng.integers(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
+    return [int(rng.integers(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 class SegmentSelector:
