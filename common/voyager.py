@@ -297,7 +297,8 @@ def pad_batch(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 def evenness(combinations: torch.Tensor, m: int | torch.Tensor) -> torch.Tensor:
     """How evenly each combination's T frames spread over M uniform candidates: 1 - (T + 1) * sum of its squared
     gaps as fractions of the video (the T + 1 gaps between the chosen frames and the video's two ends, candidate
-    p standing at p + 0.5 of M). 0 when every gap is equal; down to about 1 - (T + 1) (M - T)^2 / M^2 when the
+    p standing at p + 0.5 of M). 0 when every gap is equal, the two ends included (so uniform sampling, which
+    leaves half gaps at the ends, scores a little below 0); down to about 1 - (T + 1) (M - T)^2 / M^2 when the
     frames bunch at one end. combinations (..., T) positions; m an int or a tensor broadcastable to (...)."""
     c = combinations.sort(-1).values.to(torch.float64)
     m = torch.as_tensor(m, dtype=torch.float64, device=c.device)[..., None].expand(*c.shape[:-1], 1)
