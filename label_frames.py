@@ -333,8 +333,7 @@ def label_sample(model, processor, sample: Sample, cfg: Config) -> dict:
     total, _ = probe(sample.path)
     if total < cfg.num_frames:
         raise VideoError(f"{sample.path}: {total} frames, fewer than num_frames={cfg.num_frames}")
-    m = sample_candidates(cfg, sample.problem_id)
-    clip = read_frames(sample.path, num_frames=min(m, total))  # distinct frames only
+    clip = read_frames(sample.path, num_frames=min(sample_candidates(cfg, sample.problem_id), total))  # distinct frames
     m, t = len(clip.indices), cfg.num_frames
     prompt, target = build_prompt(sample), target_text(sample, cfg.target)
     labeler = CombinationLabeler(model, processor, clip, prompt, target, t)

@@ -175,7 +175,7 @@ def validate(heads, items: list[Item], margin: float, num_frames: int, device,
     `sizes` (labels from `mixed_candidates`; every process passes the same), the pairs of each M apart too."""
     sums = dict.fromkeys(["pairs", "correct", "pairs_large_gap", "correct_large_gap", "spearman", "samples",
                           "with_evidence", "hit_voyager", "hit_uniform", "hit_label_best"], 0.0)
-    per_m = sorted(set(sizes)) if len(set(sizes)) > 1 else []
+    per_m = sorted(set(sizes)) if len(set(sizes)) > 1 else []  # one M: the overall accuracy is that M's
     sums |= {f"{key}_m{m}": 0.0 for m in per_m for key in ("pairs", "correct")}
     for it in items:
         rewards, coverage = heads(it.frames.to(device), it.query.to(device))
@@ -188,8 +188,9 @@ def validate(heads, items: list[Item], margin: float, num_frames: int, device,
         sums["pairs"] += better.sum().item()
         sums["correct"] += right[better].sum().item()
         if per_m:
-            sums[f"pairs_m{len(it.candidate_indices)}"] += better.sum().item()
-            sums[f"correct_m{len(it.candidate_indices)}"] += right[better].sum().item()
+            m = len(it.candidate_indices)
+            sums[f"pairs_m{m}"] += better.sum().item()
+            sums[f"correct_m{m}"] += right[better].sum().item()
         sums["pairs_large_gap"] += large.sum().item()
         sums["correct_large_gap"] += right[large].sum().item()
         sums["spearman"] += spearman(scores, -it.losses)
@@ -213,7 +214,8 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     out["spearman"] = sums["spearman"] / max(1, sums["samples"])
     for key in sums:
         if key.startswith("pairs_m") and sums[key]:
-            out[f"pair_accuracy_{key[6:]}"] = sums["correct" + key[5:]] / sums[key]
+            m = key.removeprefix("pairs_")  # "m16"
+            out[f"pair_accuracy_{m}"] = sums[f"correct_{m}"] / sums[key]
     if sums["with_evidence"]:
         for key in ("voyager", "uniform", "label_best"):
             out[f"evidence_recall_{key}"] = sums[f"hit_{key}"] / sums["with_evidence"]
