@@ -25,7 +25,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +223,8 @@ class VoyagerSpec:
     dim: int = 128  # projection size of the heads
     token_pool: str = "mean"  # how a frame's tokens become one reward: "max" or "mean"
     fingerprint: dict | None = None  # backbone_fingerprint() of the backbone at training time
-    candidates: int = 16  # M used in training (any M works at test time)
+    candidates: int = 16  # M of the training labels, the most common one if they mix M (any M works at test time)
+    candidate_sizes: list[int] = field(default_factory=list)  # every M in the training labels; [] = older files
     num_frames: int = 4  # T of the training combinations
     max_pixels: int = 0  # per-frame pixel cap the features were computed at; 0 = unknown (older files)
     coverage: bool = False  # a query-conditioned weight on how evenly a combination spreads (VoyagerHeads)

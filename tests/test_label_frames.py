@@ -162,6 +162,14 @@ def test_mixed_candidates_label_each_sample_at_its_own_m_as_a_single_m_run_would
             assert row["candidate_indices"] == want["candidate_indices"]
             assert row["combinations"] == want["combinations"]
             assert row["losses"] == pytest.approx(want["losses"], abs=1e-5)
+    # A scorer trained on them records every M, and as `candidates` the most common one.
+    proc = subprocess.run([sys.executable, "train_voyager.py", f"labels={out / 'labels.jsonl'}",
+                           f"output_dir={tmp_path / 'voyager'}", "layers=1", "dim=16", "epochs=1", "batch_size=4",
+                           "val_fraction=0.25"], cwd=ROOT, env=cpu_launch_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    spec = json.loads((tmp_path / "voyager" / "voyager.json").read_text())
+    assert spec["candidate_sizes"] == [4, 8] and spec["candidates"] == max((4, 8), key=sizes.count)
     with pytest.raises(ConfigError, match=r"mixed_candidates.*M=1 must be >= num_frames T=2"):
         dataclasses.replace(cfg, model=str(tiny_model_dir), data=str(data / "train.json"),
                             mixed_candidates=[8, 1]).validate()

@@ -296,6 +296,7 @@ def test_training_writes_heads_spec_and_validation_metrics(trained):
     out, model_dir, budget = trained
     spec = json.loads((out / "voyager" / "voyager.json").read_text())
     assert spec["backbone"] == str(model_dir) and spec["layers"] == 1 and spec["num_frames"] == 2
+    assert spec["candidates"] == 8 and spec["candidate_sizes"] == [8]
     # The scorer's features were computed at the labels' pixel budget, and its selector will apply it.
     assert spec["max_pixels"] == budget
     assert {r["max_pixels"] for r in read_jsonl(out / "labels" / "labels.jsonl")} == {budget}
