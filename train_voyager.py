@@ -269,11 +269,11 @@ def main() -> None:
     skipped = [s for part in gather_object([skipped + skipped_val]) for s in part]
     fingerprint = backbone_fingerprint(model)
     label_sizes = [len(r["candidate_indices"]) for r in rows]  # M of every label row (mixed_candidates: several)
+    candidate_sizes = sorted(set(label_sizes))
     spec = VoyagerSpec(backbone=backbone, layers=cfg.layers, hidden_size=fingerprint["hidden_size"], dim=cfg.dim,
                        token_pool=cfg.token_pool, fingerprint=fingerprint,
-                       candidates=max(sorted(set(label_sizes)), key=label_sizes.count),  # a tie: the smaller
-                       candidate_sizes=sorted(set(label_sizes)),
-                       num_frames=num_frames,
+                       candidates=max(candidate_sizes, key=label_sizes.count),  # a tie: the smaller
+                       candidate_sizes=candidate_sizes, num_frames=num_frames,
                        max_pixels=video_max_pixels(processor), coverage=cfg.coverage)
     del model
 
