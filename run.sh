@@ -12,6 +12,8 @@
 #   bash run.sh tower    Frame-Voyager's recipe on that tower: VISION_STEPS=2500 N_LABEL=4800
 #                        LABEL_ARGS=max_combinations=32 VOYAGER_ARGS="epochs=30 coverage=true" RL_ARGS=temperature=0.7
 #                        (README, "Frame-Voyager on the tower"); any of them set in the environment wins
+#   UNDERCOUNT=0.5 bash run.sh   SFT on the traces of a teacher that misses the last shape of half the count
+#                        questions (README, "An imperfect teacher") -> outputs/tiny_undercount
 #   ALL_FRAMES=1 bash run.sh   adds the SFT model on all 64 frames (a probe: far outside its training, it fails)
 #   RL_FRAMES=voyager bash run.sh   GRPO and KTR train on the 8 frames the Voyager scorer picks from 16 candidates,
 #                        and are judged on them (runs grpo_voyager, ktr_voyager; the scorer is trained first);
@@ -106,8 +108,9 @@ case $MODE in
     # The paper's data shape: SFT with reasoning on the first N_SFT training videos, RL with answers only on
     # the rest (README, "Why RL lowers accuracy on the tiny default").
     ARCH=${ARCH:-qwen2_5_vl} VISION_STEPS=${VISION_STEPS:-0}
-    TOWER=; [ "$VISION_STEPS" -gt 0 ] && TOWER=_tower
-    [ $ARCH = qwen2_5_vl ] && OUT=${OUT:-outputs/tiny$TOWER} || OUT=${OUT:-outputs/tiny_$ARCH$TOWER}
+    SUFFIX=; [ "$VISION_STEPS" -gt 0 ] && SUFFIX=_tower
+    UNDERCOUNT=${UNDERCOUNT:-0}; [ "$UNDERCOUNT" = 0 ] || SUFFIX=${SUFFIX}_undercount
+    [ $ARCH = qwen2_5_vl ] && OUT=${OUT:-outputs/tiny$SUFFIX} || OUT=${OUT:-outputs/tiny_$ARCH$SUFFIX}
     # 4 visual tokens per frame in every family: 2 x 2 merged patches of 28 px (32 px for Qwen3-VL's 16-px patches)
     [ $ARCH = qwen3_vl ] && PIXELS=4096 || PIXELS=3136
     # Qwen3-VL's tiny model needs twice the SFT steps to see (README, "The other families": 750 -> 0.240, 1500 -> 0.343)
@@ -130,8 +133,14 @@ case $MODE in
       BASE=$OUT/tower
     fi
     stage split   $DATA/rl.json               python -m common.data split $DATA/train.json $N_SFT $DATA/sft.json $DATA/rl.json
+    SFT_DATA=$DATA/sft.json
+    if [ "$UNDERCOUNT" != 0 ]; then  # the SFT traces as a teacher that undercounts writes them; RL keeps true answers
+      SFT_DATA=$DATA/sft_undercount.json
+      stage teacher $SFT_DATA                 python -m common.tinyworld --undercount $DATA/sft.json --rate $UNDERCOUNT \
+        --out $SFT_DATA
+    fi
     stage sft     $SFT/config.json            python train_sft.py --config configs/tiny/sft.yaml \
-      model=$BASE data=$DATA/sft.json output_dir=$OUT/sft max_steps=$SFT_STEPS
+      model=$BASE data=$SFT_DATA output_dir=$OUT/sft max_steps=$SFT_STEPS
     scorer() {  # labels -> the Voyager scorer
       stage label   $OUT/labels/summary.json    python label_frames.py --config configs/tiny/label.yaml \
         model=$SFT data=$DATA/train.json output_dir=$OUT/labels limit=$N_LABEL ${LABEL_ARGS:-}

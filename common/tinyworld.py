@@ -380,6 +380,49 @@ def reword(src: str | Path, dst: str | Path, seed: int = 7) -> int:
     return len(records)
 
 
+# --- a teacher that undercounts (an ablation of the SFT data, never the default) ---
+
+_COUNT = re.compile(r"There (?:is|are) (\d) shapes?: (.*)\. (\d) is option ([A-D])\.")
+
+
+def undercount(record: dict, rate: float, seed: int = 11) -> dict:
+    """`record` as a teacher that misses the last shape to appear would have written it: in a count question
+    with two or more shapes, with probability `rate` (drawn by (seed, problem_id)), the reasoning lists every
+    shape but the last and the answer is one fewer. Any other record, and a count the teacher gets right,
+    is returned as it is. SFT on such traces learns the teacher's bias; RL's reward knows the true count
+    (README, "An imperfect teacher")."""
+    if record.get("question_family") != "count":
+        return record
+    m = _COUNT.fullmatch(record.get("process") or "")
+    if m is None or m.group(1) != m.group(3) or m.group(4) != LETTERS[int(m.group(1)) - 1] or \
+            record.get("solution") != f"<answer>{m.group(4)}</answer>":
+        raise ValueError(f"problem {record.get('problem_id')}: not a TinyWorld count reasoning and answer: "
+                         f"{record.get('process')!r}, {record.get('solution')!r}")
+    things = re.split(r", | and ", m.group(2))
+    if len(things) != int(m.group(1)):
+        raise ValueError(f"problem {record.get('problem_id')}: lists {len(things)} shapes but says {m.group(1)}")
+    if len(things) < 2 or np.random.default_rng([seed, int(record["problem_id"])]).random() >= rate:
+        return record
+    letter = LETTERS[len(things) - 2]
+    return {**record, "process": _p_count(things[:-1], letter), "solution": f"<answer>{letter}</answer>"}
+
+
+def teach(src: str | Path, dst: str | Path, rate: float, seed: int = 11) -> int:
+    """Write the Video-R1 JSON list `src` to `dst` with every record passed through `undercount` (media paths
+    are kept, so `dst` goes next to `src`). Returns the number of records changed."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"the teacher's error rate must be in [0, 1], got {rate}")
+    records = json.loads(Path(src).read_text(encoding="utf-8"))
+    out = []
+    for r in records:
+        try:
+            out.append(undercount(r, rate, seed))
+        except ValueError as e:
+            raise ValueError(f"{src}: {e}") from None
+    Path(dst).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return sum(a is not b for a, b in zip(records, out, strict=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -393,7 +436,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reword", metavar="JSON", help="instead of generating: write JSON's records to --out with "
                     "their reasoning in free wording (free_wording)")
     ap.add_argument("--wording-seed", type=int, default=7, help="--reword: the seed of the wording drawn")
+    ap.add_argument("--undercount", metavar="JSON", help="instead of generating: write JSON's records to --out as a "
+                    "teacher that misses the last shape of a count question with probability --rate (undercount)")
+    ap.add_argument("--rate", type=float, default=0.5, help="--undercount: the teacher's error rate")
+    ap.add_argument("--teacher-seed", type=int, default=11, help="--undercount: the seed of the errors drawn")
     a = ap.parse_args(argv)
+    if a.undercount:
+        n = teach(a.undercount, a.out, a.rate, a.teacher_seed)
+        print(f"tinyworld: {n} count answers of {a.undercount} one too low (rate {a.rate}) -> {a.out}")
+        return
     if a.reword:
         n = reword(a.reword, a.out, a.wording_seed)
         print(f"tinyworld: {n} reasonings of {a.reword} in free wording -> {a.out}")

@@ -152,3 +152,24 @@ def test_rl_frames_voyager_trains_the_scorer_first_and_rl_on_its_frames(tmp_path
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "RL_FRAMES: 'voyagr' is not uniform or voyager" in output
     assert "== data:" not in output and not (tmp_path / "w").exists()
+
+
+def test_undercount_trains_sft_on_the_teachers_traces_and_rl_on_true_answers(tmp_path):
+    """UNDERCOUNT=1: SFT reads the teacher's rewrite of its data (every count of two or more one too low); RL's
+    videos keep their true answers (run until SFT has finished)."""
+    out = tmp_path / "u"
+    proc = start(out, UNDERCOUNT="1")
+    for line in proc.stdout:
+        if line.startswith("== sft: finished"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    sft = yaml.safe_load((out / "sft" / "config.yaml").read_text())
+    assert sft["data"] == str(out / "data" / "sft_undercount.json")
+    true, taught = (json.loads((out / "data" / f).read_text()) for f in ("sft.json", "sft_undercount.json"))
+    lowered = [(t["solution"], u["solution"]) for t, u in zip(true, taught, strict=True) if t != u]
+    assert lowered and all(t["question_family"] == "count" for t, u in zip(true, taught, strict=True) if t != u)
+    assert all("ABCD".index(t[8]) == "ABCD".index(u[8]) + 1 for t, u in lowered), lowered
+    rl = json.loads((out / "data" / "rl.json").read_text())
+    train = {r["problem_id"]: r for r in json.loads((out / "data" / "train.json").read_text())}
+    assert all(r == train[r["problem_id"]] for r in rl)

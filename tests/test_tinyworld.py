@@ -214,3 +214,50 @@ def test_free_wording_keeps_what_the_reasoning_says_and_varies_only_the_rest(wor
     bad.write_text(json.dumps([{**before[0], "problem_id": 77, "process": "no letter here"}]))
     with pytest.raises(ValueError, match=r"bad\.json: problem 77: not a TinyWorld reasoning"):
         tw.reword(bad, tmp_path / "x.json")
+
+
+def test_undercounting_teacher_drops_the_last_shape_and_lowers_the_answer(world, tmp_path):
+    """--undercount: a count reasoning with n >= 2 shapes becomes the template's reasoning for the first n - 1
+    (the last to appear is missed) with the answer one option lower, for a share `rate` of them, drawn per
+    problem (the same twice, another with another seed); every other record is untouched; bad input names the
+    file and the problem."""
+    src = world / "train.json"
+    before = json.loads(src.read_text()) + json.loads((world / "test.json").read_text())
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps(before))
+    out = tmp_path / "taught.json"
+    proc = subprocess.run([sys.executable, "-m", "common.tinyworld", "--undercount", str(both), "--rate", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    after = json.loads(out.read_text())
+    counts = [(b, a) for b, a in zip(before, after, strict=True) if b["question_family"] == "count"]
+    assert len(counts) >= 4 and any(answer_of(b)[1] != "1" for b, _ in counts)
+    for b, a in zip(before, after, strict=True):
+        if b["question_family"] != "count" or answer_of(b)[1] == "1":
+            assert a == b
+            continue
+        n = int(answer_of(b)[1])
+        assert answer_of(a) == ("ABCD"[n - 2], str(n - 1))
+        listed = b["process"].split(": ", 1)[1].rsplit(". ", 1)[0]
+        things = listed.replace(" and ", ", ").split(", ")
+        assert a["process"] == tw._p_count(things[:-1], "ABCD"[n - 2])
+        assert a["process"].startswith(f"There {'is' if n == 2 else 'are'} {n - 1} shape")
+        assert {k: v for k, v in a.items() if k not in ("process", "solution")} == \
+               {k: v for k, v in b.items() if k not in ("process", "solution")}
+    assert f"{sum(a != b for b, a in counts)} count answers" in proc.stdout
+    assert tw.teach(both, out, 0.0) == 0 and json.loads(out.read_text()) == before
+    # a rate is a share of the problems, drawn per problem id
+    rec = {"question_family": "count", "solution": "<answer>C</answer>",
+           "process": tw._p_count(["a red circle", "a blue square", "a green triangle"], "C")}
+    hit = [tw.undercount({**rec, "problem_id": i}, 0.3)["solution"] == "<answer>B</answer>" for i in range(2000)]
+    assert 0.27 < np.mean(hit) < 0.33
+    assert hit == [tw.undercount({**rec, "problem_id": i}, 0.3)["solution"] == "<answer>B</answer>"
+                   for i in range(2000)]
+    assert hit != [tw.undercount({**rec, "problem_id": i}, 0.3, seed=12)["solution"] == "<answer>B</answer>"
+                   for i in range(2000)]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**rec, "problem_id": 78, "solution": "<answer>A</answer>"}]))
+    with pytest.raises(ValueError, match=r"bad\.json: problem 78: not a TinyWorld count reasoning"):
+        tw.teach(bad, out, 0.5)
+    with pytest.raises(ValueError, match=r"error rate must be in \[0, 1\], got 1.5"):
+        tw.teach(both, out, 1.5)
