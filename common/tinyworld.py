@@ -367,16 +367,24 @@ def free_wording(process: str, problem_id: int, seed: int = 7) -> str:
     return opening + said + link.format(Value=value, value=value[0].lower() + value[1:], letter=letter)
 
 
-def reword(src: str | Path, dst: str | Path, seed: int = 7) -> int:
-    """Write the Video-R1 JSON list `src` to `dst` with every `process` in free wording (media paths are kept,
-    so `dst` goes next to `src`). Returns the number of records."""
+def _rewrite(src: str | Path, dst: str | Path, fn) -> tuple[list[dict], list[dict]]:
+    """Write the Video-R1 JSON list `src` to `dst` with each record replaced by `fn(record)` (media paths are
+    kept, so `dst` goes next to `src`); a ValueError from `fn` names `src`. Returns (records, rewritten)."""
     records = json.loads(Path(src).read_text(encoding="utf-8"))
+    out = []
     for r in records:
         try:
-            r["process"] = free_wording(r["process"], r["problem_id"], seed)
+            out.append(fn(r))
         except ValueError as e:
             raise ValueError(f"{src}: {e}") from None
-    Path(dst).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    Path(dst).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return records, out
+
+
+def reword(src: str | Path, dst: str | Path, seed: int = 7) -> int:
+    """Write the Video-R1 JSON list `src` to `dst` with every `process` in free wording. Returns the number of
+    records."""
+    records, _ = _rewrite(src, dst, lambda r: {**r, "process": free_wording(r["process"], r["problem_id"], seed)})
     return len(records)
 
 
@@ -408,18 +416,11 @@ def undercount(record: dict, rate: float, seed: int = 11) -> dict:
 
 
 def teach(src: str | Path, dst: str | Path, rate: float, seed: int = 11) -> int:
-    """Write the Video-R1 JSON list `src` to `dst` with every record passed through `undercount` (media paths
-    are kept, so `dst` goes next to `src`). Returns the number of records changed."""
+    """Write the Video-R1 JSON list `src` to `dst` with every record passed through `undercount`. Returns the
+    number of records changed."""
     if not 0 <= rate <= 1:
         raise ValueError(f"the teacher's error rate must be in [0, 1], got {rate}")
-    records = json.loads(Path(src).read_text(encoding="utf-8"))
-    out = []
-    for r in records:
-        try:
-            out.append(undercount(r, rate, seed))
-        except ValueError as e:
-            raise ValueError(f"{src}: {e}") from None
-    Path(dst).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    records, out = _rewrite(src, dst, lambda r: undercount(r, rate, seed))
     return sum(a is not b for a, b in zip(records, out, strict=True))
 
 
